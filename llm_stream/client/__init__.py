@@ -1,0 +1,193 @@
+"""An asyncio client for ``inference.v1.InferenceService`` that frontends import.
+
+One channel is reused for every call; requests are gzip-compressed; calls wait
+for the server to be reachable and are retried on UNAVAILABLE by the channel's
+service config (a stream only until its first token, as gRPC retries do);
+several targets or a ``dns:///`` name are balanced per request with round_robin.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+INFERENCE_SERVICE = "inference.v1.InferenceService"
+
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": INFERENCE_SERVICE}],
+            "waitForReady": True,
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "3s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+def channel_target(targets: str | Sequence[str]) -> str:
+    """One gRPC target for one or several ``host:port`` addresses.
+
+    Several addresses become an ``ipv4:``/``ipv6:`` list that round_robin spreads
+    requests over; ``dns:///name:port`` balances over every address of the name.
+    """
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t.strip()]
+    targets = [t.strip() for t in targets]
+    if not targets:
+        raise ValueError("no target given")
+    if len(targets) == 1:
+        return targets[0]
+    families, addresses = set(), []
+    for target in targets:
+        host, sep, port = target.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"target {target!r} must be host:port")
+        host = host.strip("[]")
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"several targets must be IP addresses (got {target!r}); "
+                "for host names use one dns:///name:port target"
+            ) from None
+        families.add(ip.version)
+        addresses.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+    if len(families) > 1:
+        raise ValueError("several targets must all be IPv4 or all IPv6")
+    return ("ipv4:" if families == {4} else "ipv6:") + ",".join(addresses)
+
+
+def make_request(
+    prompt: str,
+    *,
+    model_id: str = "",
+    request_id: str = "",
+    temperature: float = 0.0,
+    max_tokens: int = 0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Iterable[str] = (),
+    repetition_penalty: float = 0.0,
+    apply_chat_template: bool | None = None,
+) -> pb.PredictRequest:
+    config = pb.InferenceConfig(
+        temperature=temperature,
+        max_tokens=max_tokens,
+        top_p=top_p,
+        top_k=top_k,
+        stop=list(stop),
+        repetition_penalty=repetition_penalty,
+    )
+    if seed is not None:
+        config.seed = seed
+    if apply_chat_template is not None:
+        config.apply_chat_template = apply_chat_template
+    return pb.PredictRequest(
+        model_id=model_id,
+        request_id=request_id,
+        features={"prompt": pb.FeatureValue(string_value=prompt)},
+        config=config,
+    )
+
+
+class InferenceClient:
+    """``async with InferenceClient("host:50051") as client: ...``"""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        compression: grpc.Compression = grpc.Compression.Gzip,
+        max_message_bytes: int = 100 * 1024 * 1024,
+        keepalive_time_s: float = 30.0,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Pings no more often than the server's minimum interval (10 s by default).
+            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        self.target = channel_target(target)
+        self.channel = grpc.aio.insecure_channel(
+            self.target, options=options, compression=compression
+        )
+        self._stub = pb_grpc.InferenceServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> InferenceClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 120.0, service: str = INFERENCE_SERVICE) -> None:
+        """Wait until health reports SERVING (the model is loaded and warmed up)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        watch = self._health.Watch(request, timeout=timeout, wait_for_ready=True)
+        async for response in watch:
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
+                return
+
+    async def predict(
+        self, prompt: str, *, timeout: float | None = None, **options: Any
+    ) -> pb.PredictResponse:
+        response: pb.PredictResponse = await self._stub.Predict(
+            make_request(prompt, **options), timeout=timeout
+        )
+        return response
+
+    async def stream(
+        self, prompt: str, *, timeout: float | None = None, **options: Any
+    ) -> AsyncIterator[pb.PredictToken]:
+        """Token messages as they arrive; the last has ``is_final`` set."""
+        call = self._stub.StreamPredict(make_request(prompt, **options), timeout=timeout)
+        try:
+            async for token in call:
+                yield token
+        finally:
+            call.cancel()  # leaving early tells the server to stop generating
+
+    async def batch(
+        self, requests: Sequence[pb.PredictRequest], *, timeout: float | None = None
+    ) -> pb.BatchPredictResponse:
+        response: pb.BatchPredictResponse = await self._stub.BatchPredict(
+            pb.BatchPredictRequest(requests=list(requests)), timeout=timeout
+        )
+        return response
+
+    async def check(self, service: str = INFERENCE_SERVICE) -> int:
+        response = await self._stub.Check(pb.HealthCheckRequest(service=service))
+        return int(response.status)

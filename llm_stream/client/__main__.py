@@ -1,0 +1,106 @@
+"""``python -m llm_stream.client "prompt"``: stream a completion to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from llm_stream.client import DEFAULT_TARGET, InferenceClient
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+
+log = logging.getLogger("llm_stream.client")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llm_stream.client", description=__doc__)
+    parser.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("LLM_STREAM_TARGET", DEFAULT_TARGET),
+        help="host:port, several comma-separated, or dns:///name:port "
+        f"(env LLM_STREAM_TARGET; default {DEFAULT_TARGET})",
+    )
+    parser.add_argument("--model", default="", help="model_id; empty is the server default")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--max-tokens", type=int, default=0, help="0 is the server default")
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    parser.add_argument("--repetition-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--raw", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    parser.add_argument("--unary", action="store_true", help="use Predict instead of streaming")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument(
+        "--wait", type=float, default=120.0, help="seconds to wait for the server to be ready"
+    )
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = {
+        "model_id": args.model,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+        "repetition_penalty": args.repetition_penalty,
+        "apply_chat_template": False if args.raw else None,
+    }
+    async with InferenceClient(args.target) as client:
+        await client.wait_ready(timeout=args.wait)
+        if args.unary:
+            response = await client.predict(prompt, timeout=args.timeout, **options)
+            sys.stdout.write(response.text + "\n")
+            log.info(
+                "finish=%s prompt_tokens=%d completion_tokens=%d latency=%.0f ms version=%s",
+                pb.FinishReason.Name(response.finish_reason),
+                response.usage.prompt_tokens,
+                response.usage.completion_tokens,
+                response.latency_ms,
+                response.model_version,
+            )
+            return 0
+        async for token in client.stream(prompt, timeout=args.timeout, **options):
+            if token.is_final:
+                sys.stdout.write("\n")
+                log.info(
+                    "finish=%s prompt_tokens=%d completion_tokens=%d",
+                    pb.FinishReason.Name(token.finish_reason),
+                    token.usage.prompt_tokens,
+                    token.usage.completion_tokens,
+                )
+            else:
+                sys.stdout.write(token.token)
+            sys.stdout.flush()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(message)s]", stream=sys.stderr)
+    try:
+        return asyncio.run(run(args))
+    except grpc.aio.AioRpcError as exc:
+        log.error("%s: %s", exc.code().name, exc.details())
+        return 1
+    except (TimeoutError, asyncio.TimeoutError):
+        log.error("the server at %s did not become ready in time", args.target)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

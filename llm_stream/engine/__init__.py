@@ -1,0 +1,1 @@
+"""The engine layer: admission, scheduling, streaming and cancellation; no gRPC."""

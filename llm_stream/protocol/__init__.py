@@ -1,0 +1,1 @@
+"""The protocol layer: protobuf in, status codes out. No torch here."""

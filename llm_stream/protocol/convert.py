@@ -1,0 +1,161 @@
+"""protobuf messages <-> engine types, with the request checks that need no model.
+
+Proto3 scalars cannot say "unset", so 0 means "use the default" for max_tokens,
+top_p and repetition_penalty, and temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+from llm_stream.engine.types import (
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    StreamEnd,
+    TokenEvent,
+)
+from llm_stream.errors import InvalidRequestError
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+
+PROMPT_FEATURE = "prompt"
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+FINISH_REASON_TO_PB = {
+    FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    default_max_tokens: int = 256
+    max_tokens_cap: int = 2048
+
+
+def request_id_of(message: pb.PredictRequest) -> str:
+    return message.request_id or uuid.uuid4().hex
+
+
+def to_generation_request(
+    message: pb.PredictRequest, limits: RequestLimits, request_id: str | None = None
+) -> GenerationRequest:
+    config = message.config
+    return GenerationRequest(
+        request_id=request_id or request_id_of(message),
+        model_id=message.model_id,
+        prompt=_prompt(message),
+        sampling=_sampling(config, limits),
+        apply_chat_template=(
+            config.apply_chat_template if config.HasField("apply_chat_template") else None
+        ),
+    )
+
+
+def _prompt(message: pb.PredictRequest) -> str:
+    if PROMPT_FEATURE not in message.features:
+        raise InvalidRequestError(
+            "features['prompt'] is missing; send the prompt as features['prompt'].string_value"
+        )
+    feature = message.features[PROMPT_FEATURE]
+    kind = feature.WhichOneof("value")
+    if kind != "string_value":
+        raise InvalidRequestError(
+            f"features['prompt'] must be a string_value, got {kind or 'no value'}"
+        )
+    if not feature.string_value:
+        raise InvalidRequestError("features['prompt'] is empty; send some text")
+    return feature.string_value
+
+
+def _finite(name: str, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise InvalidRequestError(f"config.{name} must be a finite number, got {value}")
+    return value
+
+
+def _sampling(config: pb.InferenceConfig, limits: RequestLimits) -> SamplingParams:
+    temperature = _finite("temperature", config.temperature)
+    if temperature < 0:
+        raise InvalidRequestError(
+            f"config.temperature must be >= 0 (0 is greedy), got {temperature:g}"
+        )
+    if config.max_tokens < 0:
+        raise InvalidRequestError(
+            f"config.max_tokens must be >= 0 (0 is the server default), got {config.max_tokens}"
+        )
+    if config.max_tokens > limits.max_tokens_cap:
+        raise InvalidRequestError(
+            f"config.max_tokens {config.max_tokens} is above this server's cap of "
+            f"{limits.max_tokens_cap}; ask for at most {limits.max_tokens_cap}"
+        )
+    top_p = _finite("top_p", config.top_p)
+    if top_p < 0 or top_p > 1:
+        raise InvalidRequestError(
+            f"config.top_p must be in (0, 1] (0 means unset), got {top_p:g}"
+        )
+    if config.top_k < 0:
+        raise InvalidRequestError(f"config.top_k must be >= 0 (0 disables), got {config.top_k}")
+    penalty = _finite("repetition_penalty", config.repetition_penalty)
+    if penalty < 0:
+        raise InvalidRequestError(
+            f"config.repetition_penalty must be > 0 (0 means unset), got {penalty:g}"
+        )
+    stops = tuple(config.stop)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(
+            f"config.stop has {len(stops)} sequences; at most {MAX_STOP_SEQUENCES} are allowed"
+        )
+    for stop in stops:
+        if not stop or len(stop) > MAX_STOP_LENGTH:
+            raise InvalidRequestError(
+                f"each config.stop sequence must be 1 to {MAX_STOP_LENGTH} characters long"
+            )
+    return SamplingParams(
+        max_tokens=config.max_tokens or limits.default_max_tokens,
+        max_tokens_explicit=config.max_tokens > 0,
+        temperature=temperature,
+        top_p=top_p or 1.0,
+        top_k=config.top_k,
+        seed=config.seed if config.HasField("seed") else None,
+        repetition_penalty=penalty or 1.0,
+        stop=stops,
+    )
+
+
+def usage_pb(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+def token_to_pb(event: TokenEvent) -> pb.PredictToken:
+    return pb.PredictToken(token=event.text, token_index=event.index, token_id=event.token_id)
+
+
+def stream_end_to_pb(end: StreamEnd) -> pb.PredictToken:
+    return pb.PredictToken(
+        is_final=True,
+        token_index=end.completion_tokens,
+        finish_reason=FINISH_REASON_TO_PB[end.finish_reason],
+        usage=usage_pb(end.prompt_tokens, end.completion_tokens),
+    )
+
+
+def completion_to_pb(request_id: str, completion: Completion) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        request_id=request_id,
+        predictions={
+            "prompt_tokens": float(completion.prompt_tokens),
+            "completion_tokens": float(completion.completion_tokens),
+        },
+        latency_ms=completion.latency_ms,
+        model_version=completion.model_version,
+        text=completion.text,
+        finish_reason=FINISH_REASON_TO_PB[completion.finish_reason],
+        usage=usage_pb(completion.prompt_tokens, completion.completion_tokens),
+    )

@@ -1,0 +1,138 @@
+"""``inference.v1.InferenceService``: translates protobuf to engine calls and back.
+
+Every failure leaves through :func:`_abort`, which maps it with the one status
+table; client mistakes get their code and a message saying what to fix, and
+nothing unexpected leaks a stack trace to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import NoReturn
+
+import grpc
+
+from llm_stream.engine.engine import Engine
+from llm_stream.engine.types import Completion, GenerationRequest, TokenEvent
+from llm_stream.errors import InvalidRequestError, LLMStreamError
+from llm_stream.logging_setup import request_id_var
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_stream.protocol.convert import (
+    RequestLimits,
+    completion_to_pb,
+    request_id_of,
+    stream_end_to_pb,
+    to_generation_request,
+    token_to_pb,
+)
+from llm_stream.protocol.health import HealthState
+from llm_stream.protocol.status import status_for
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> NoReturn:
+    code, message = status_for(exc, request_id)
+    if isinstance(exc, LLMStreamError):
+        log.info("request rejected: %s %s", code.name, message)
+    else:
+        log.error("request failed", exc_info=exc)
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self, engine: Engine, health: HealthState, limits: RequestLimits, max_batch_size: int
+    ) -> None:
+        self._engine = engine
+        self._health = health
+        self._limits = limits
+        self._max_batch_size = max_batch_size
+
+    def _request(self, message: pb.PredictRequest) -> GenerationRequest:
+        request_id = request_id_of(message)
+        request_id_var.set(request_id)
+        return to_generation_request(message, self._limits, request_id)
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        request_id = request.request_id
+        try:
+            generation = self._request(request)
+            request_id = generation.request_id
+            completion = await self._engine.complete(generation)
+            return completion_to_pb(request_id, completion)
+        except Exception as exc:
+            await _abort(context, exc, request_id)
+
+    async def StreamPredict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictToken]:
+        request_id = request.request_id
+        try:
+            generation = self._request(request)
+            request_id = generation.request_id
+            await context.send_initial_metadata((("x-request-id", request_id),))
+            async with aclosing(self._engine.stream(generation)) as events:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        yield token_to_pb(event)
+                    else:
+                        yield stream_end_to_pb(event)
+        except Exception as exc:
+            await _abort(context, exc, request_id)
+
+    async def BatchPredict(
+        self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchPredictResponse:
+        try:
+            count = len(request.requests)
+            if count > self._max_batch_size:
+                raise InvalidRequestError(
+                    f"BatchPredict got {count} requests; this server takes at most "
+                    f"{self._max_batch_size} per call: split the batch"
+                )
+            items: list[GenerationRequest | Exception] = []
+            ids: list[str] = []
+            for message in request.requests:
+                ids.append(request_id_of(message))
+                try:
+                    items.append(to_generation_request(message, self._limits, ids[-1]))
+                except LLMStreamError as exc:
+                    items.append(exc)
+            results = await self._engine.batch(items)
+            return pb.BatchPredictResponse(
+                results=[self._batch_result(i, r) for i, r in zip(ids, results, strict=True)]
+            )
+        except Exception as exc:
+            await _abort(context, exc, "batch")
+
+    @staticmethod
+    def _batch_result(request_id: str, result: Completion | Exception) -> pb.BatchPredictResult:
+        if isinstance(result, Completion):
+            return pb.BatchPredictResult(response=completion_to_pb(request_id, result))
+        code, message = status_for(result, request_id)
+        if not isinstance(result, LLMStreamError):
+            log.error("batch item %s failed", request_id, exc_info=result)
+        return pb.BatchPredictResult(error=pb.Error(code=code.value[0], message=message))
+
+    async def Check(
+        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthCheckResponse:
+        if not self._health.knows(request.service):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown service {request.service!r}; use '', "
+                "'inference.v1.InferenceService' or 'InferenceService'",
+            )
+        status = (
+            pb.HealthCheckResponse.SERVING
+            if self._health.serving
+            else pb.HealthCheckResponse.NOT_SERVING
+        )
+        return pb.HealthCheckResponse(status=status)

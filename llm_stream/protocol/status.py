@@ -1,0 +1,34 @@
+"""The one table from domain exceptions to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from llm_stream.errors import (
+    InvalidRequestError,
+    LLMStreamError,
+    ModelLoadError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+
+STATUS_FOR_ERROR: dict[type[LLMStreamError], grpc.StatusCode] = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    ModelLoadError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The code and client-facing message for ``exc``; unknown errors never leak a trace."""
+    for kind in type(exc).__mro__:
+        code = STATUS_FOR_ERROR.get(kind)  # type: ignore[call-overload]
+        if code is not None:
+            return code, str(exc)
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error while serving request {request_id}; the server log has the details",
+    )

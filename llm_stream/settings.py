@@ -1,0 +1,53 @@
+"""The one explicit configuration object, built by the CLI (``llm_stream.cli``).
+
+Nothing here reads the environment: the CLI resolves flags and ``LLM_STREAM_*``
+variables into a :class:`Settings`, and everything else receives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+EMBEDDED_MODEL_SOURCE = "embedded"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "llm-stream"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to know, with the documented defaults."""
+
+    host: str = "[::]"
+    port: int = DEFAULT_PORT
+    # Model specs "ID=SOURCE" or "SOURCE"; empty means the embedded default.
+    models: tuple[str, ...] = ()
+    models_file: Path | None = None
+    default_model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    # Admission: generations running at once, and requests allowed to wait.
+    max_concurrent: int = 4
+    max_queue: int = 32
+    max_batch_size: int = 32
+    default_max_tokens: int = 256
+    max_tokens_cap: int = 2048
+    # Token events buffered per stream before the model waits for the client.
+    stream_buffer: int = 64
+    drain_grace_s: float = 30.0
+    max_message_bytes: int = 100 * 1024 * 1024
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_ping_interval_s: float = 10.0
+    compression: str = "gzip"
+    reflection: bool = True
+    warmup_tokens: int = 2
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerate the Python code for protos/ into llm_stream/proto/.
+#
+# protoc's virtual include path (-Illm_stream/proto=protos) makes the generated
+# modules import each other as llm_stream.proto.inference.v1.*, so they work
+# from an installed package with no sys.path tricks or sed over imports.
+# CI runs this and fails on `git diff --exit-code` drift.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+out=llm_stream/proto
+rm -rf "$out/inference"
+"$PYTHON" -m grpc_tools.protoc \
+  -I"$out=protos" \
+  --python_out=. --pyi_out=. --grpc_python_out=. \
+  protos/inference/v1/inference.proto
+for dir in "$out" "$out/inference" "$out/inference/v1"; do
+  [ -f "$dir/__init__.py" ] || : > "$dir/__init__.py"
+done
+echo "generated $(find "$out" -name '*_pb2*' | sort | tr '\n' ' ')"
