@@ -34,12 +34,12 @@ async def run(settings: Settings) -> int:
     assert server.ready is not None
     stopper = asyncio.create_task(stop_requested.wait())
     await asyncio.wait({server.ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if server.ready.done() and not server.ready.cancelled() and server.ready.exception():
-        exc = server.ready.exception()
-        if isinstance(exc, ModelLoadError):
-            log.error("cannot start: %s", exc)
+    failure = server.ready.exception() if server.ready.done() else None
+    if failure is not None:
+        if isinstance(failure, ModelLoadError):
+            log.error("cannot start: %s", failure)
         else:
-            log.error("cannot start: model load or warm-up failed", exc_info=exc)
+            log.error("cannot start: model load or warm-up failed", exc_info=failure)
         stopper.cancel()
         await server.drain(grace_s=0)
         return 1

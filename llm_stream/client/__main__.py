@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         log.error("%s: %s", exc.code().name, exc.details())
         return 1
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         log.error("the server at %s did not become ready in time", args.target)
         return 1
     except KeyboardInterrupt:

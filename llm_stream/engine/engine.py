@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -115,7 +116,9 @@ class Engine:
 
     # -- generation ----------------------------------------------------------
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | StreamEnd]:
+    async def stream(
+        self, request: GenerationRequest
+    ) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
         """Token events, then one StreamEnd. Leaving early stops the model."""
         self.check_accepting()
         backend = self.backend_for(request.model_id)
@@ -165,8 +168,7 @@ class Engine:
         self.check_accepting()
         started = time.monotonic()
         results: list[Completion | Exception] = list(
-            item if isinstance(item, Exception) else UnavailableError("not run")
-            for item in items
+            item if isinstance(item, Exception) else UnavailableError("not run") for item in items
         )
         groups: dict[str, list[tuple[int, GenerationRequest]]] = {}
         for index, item in enumerate(items):
@@ -185,15 +187,9 @@ class Engine:
         for group, group_results in zip(groups.values(), outcomes, strict=True):
             for (index, _), result in zip(group, group_results, strict=True):
                 if isinstance(result, Completion):
-                    result = Completion(
-                        result.text,
-                        result.finish_reason,
-                        result.prompt_tokens,
-                        result.completion_tokens,
-                        result.model_version,
-                        latency_ms,
-                    )
-                results[index] = result
+                    results[index] = dataclasses.replace(result, latency_ms=latency_ms)
+                else:
+                    results[index] = result
         return results
 
     async def _run_batch(
@@ -223,8 +219,12 @@ class Engine:
             end = await loop.run_in_executor(
                 self._executor, backend.stream, request, StopSignal(), lambda _event: True
             )
-            log.info("warm-up of %s generated %d tokens in %.2f s", backend.model_id,
-                     end.completion_tokens, time.monotonic() - started)
+            log.info(
+                "warm-up of %s generated %d tokens in %.2f s",
+                backend.model_id,
+                end.completion_tokens,
+                time.monotonic() - started,
+            )
 
     # -- workers -------------------------------------------------------------
 

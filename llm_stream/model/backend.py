@@ -39,7 +39,7 @@ class PreparedPrompt:
     max_new_tokens: int
 
 
-class _StopStream(StoppingCriteria):  # type: ignore[misc]
+class _StopStream(StoppingCriteria):
     """Ends a single-row generation when signalled or when its text is complete."""
 
     def __init__(self, stop: StopSignal, assembler: TextAssembler) -> None:
@@ -51,7 +51,7 @@ class _StopStream(StoppingCriteria):  # type: ignore[misc]
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class _StopFinishedRows(StoppingCriteria):  # type: ignore[misc]
+class _StopFinishedRows(StoppingCriteria):
     """Feeds each row's new token to its assembler; a row stops when its assembler is done."""
 
     def __init__(self, assemblers: Sequence[TextAssembler], stop: StopSignal) -> None:
@@ -68,7 +68,7 @@ class _StopFinishedRows(StoppingCriteria):  # type: ignore[misc]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class _DeltaStreamer(BaseStreamer):  # type: ignore[misc]
+class _DeltaStreamer(BaseStreamer):
     """Receives tokens from ``generate`` and emits one TokenEvent per generated token."""
 
     def __init__(self, assembler: TextAssembler, stop: StopSignal, emit: EmitFn) -> None:
@@ -108,9 +108,7 @@ class HFBackend:
         self._model = model
         self._tokenizer = tokenizer
         self._torch_device = device
-        self.context_length = int(
-            getattr(model.config, "max_position_embeddings", 0) or 2048
-        )
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         eos = model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if tokenizer.eos_token_id is not None:
@@ -229,9 +227,7 @@ class HFBackend:
             self._model.generate(
                 input_ids=ids.to(self._torch_device),
                 attention_mask=mask.to(self._torch_device),
-                generation_config=self._generation_config(
-                    max(p.max_new_tokens for p in prepared)
-                ),
+                generation_config=self._generation_config(max(p.max_new_tokens for p in prepared)),
                 logits_processor=[PerRowSampler(rows)],
                 stopping_criteria=StoppingCriteriaList([_StopFinishedRows(assemblers, stop)]),
             )

@@ -43,8 +43,14 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Text still held back at the end of generation (an invalid tail decodes as U+FFFD)."""
+        """Text still held back at the end of generation.
+
+        A character cut in half by the end (max_tokens reached mid-emoji) is
+        dropped rather than sent as U+FFFD: the text stays valid and is a prefix
+        of what the model was writing.
+        """
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else ""
+        tail = new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else ""
+        return tail.rstrip(REPLACEMENT_CHAR)

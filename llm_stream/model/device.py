@@ -22,7 +22,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ModelLoadError(f"--device {name!r} is not a device: use auto, cpu or cuda[:N]") from exc
+        raise ModelLoadError(
+            f"--device {name!r} is not a device: use auto, cpu or cuda[:N]"
+        ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {name} asked for, but this machine has no usable CUDA GPU")
     return device

@@ -46,8 +46,14 @@ def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: 
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     started = time.monotonic()
-    log.info("loading model %s (%s %s) on %s as %s", spec.model_id, spec.kind, spec.location,
-             device, str(dtype).removeprefix("torch."))
+    log.info(
+        "loading model %s (%s %s) on %s as %s",
+        spec.model_id,
+        spec.kind,
+        spec.location,
+        device,
+        str(dtype).removeprefix("torch."),
+    )
     try:
         if spec.kind == "gguf":
             folder, version = _converted_gguf(Path(spec.location), cache_dir)
@@ -61,11 +67,14 @@ def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: 
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load model {spec.model_id!r} from {spec.location}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load model {spec.model_id!r} from {spec.location}: {exc}"
+        ) from exc
     model.to(device)
     model.eval()
-    log.info("loaded model %s version %s in %.1f s", spec.model_id, version,
-             time.monotonic() - started)
+    log.info(
+        "loaded model %s version %s in %.1f s", spec.model_id, version, time.monotonic() - started
+    )
     return HFBackend(spec.model_id, model, tokenizer, version, device)
 
 

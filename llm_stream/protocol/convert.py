@@ -97,9 +97,7 @@ def _sampling(config: pb.InferenceConfig, limits: RequestLimits) -> SamplingPara
         )
     top_p = _finite("top_p", config.top_p)
     if top_p < 0 or top_p > 1:
-        raise InvalidRequestError(
-            f"config.top_p must be in (0, 1] (0 means unset), got {top_p:g}"
-        )
+        raise InvalidRequestError(f"config.top_p must be in (0, 1] (0 means unset), got {top_p:g}")
     if config.top_k < 0:
         raise InvalidRequestError(f"config.top_k must be >= 0 (0 disables), got {config.top_k}")
     penalty = _finite("repetition_penalty", config.repetition_penalty)

@@ -102,8 +102,9 @@ class LLMStreamServer:
             raise OSError(f"cannot listen on {self.settings.address}: {exc}") from exc
         await self.health.start()
         await self._server.start()
-        log.info("listening on %s:%d (health NOT_SERVING until warm-up)",
-                 self.settings.host, self.port)
+        log.info(
+            "listening on %s:%d (health NOT_SERVING until warm-up)", self.settings.host, self.port
+        )
         self.ready = asyncio.create_task(self._load_and_warm_up(), name="load-and-warm-up")
         return self.port
 

@@ -44,7 +44,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request_id: 
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
         self, engine: Engine, health: HealthState, limits: RequestLimits, max_batch_size: int
     ) -> None:

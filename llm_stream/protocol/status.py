@@ -25,7 +25,7 @@ STATUS_FOR_ERROR: dict[type[LLMStreamError], grpc.StatusCode] = {
 def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The code and client-facing message for ``exc``; unknown errors never leak a trace."""
     for kind in type(exc).__mro__:
-        code = STATUS_FOR_ERROR.get(kind)  # type: ignore[call-overload]
+        code = STATUS_FOR_ERROR.get(kind)
         if code is not None:
             return code, str(exc)
     return (
