@@ -1,0 +1,108 @@
+"""Shared fixtures: a tiny model folder, and real servers on ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_stream.engine.types import GenerationBackend
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_stream.protocol.server import LLMStreamServer, load_configured_models
+from llm_stream.settings import Settings
+from tests.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_settings(tiny_model_dir: Path, cache_dir: Path, **overrides: Any) -> Settings:
+    base = Settings(
+        host="127.0.0.1",
+        port=0,
+        models=(f"tiny={tiny_model_dir}",),
+        cache_dir=cache_dir,
+        max_tokens_cap=4000,
+        default_max_tokens=16,
+        drain_grace_s=5.0,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: LLMStreamServer
+    channel: grpc.aio.Channel
+    stub: pb_grpc.InferenceServiceStub
+    health: health_pb2_grpc.HealthStub
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    settings: Settings,
+    *,
+    wait_ready: bool = True,
+    load_models: Callable[[Settings], Sequence[GenerationBackend]] = load_configured_models,
+    channel_options: Sequence[tuple[str, Any]] = (),
+    compression: grpc.Compression | None = None,
+) -> AsyncIterator[RunningServer]:
+    """A real server on an ephemeral port, with a real channel to it."""
+    server = LLMStreamServer(settings, load_models=load_models)
+    await server.start()
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{server.port}", options=list(channel_options), compression=compression
+    )
+    try:
+        if wait_ready:
+            assert server.ready is not None
+            await asyncio.wait_for(asyncio.shield(server.ready), 120)
+        yield RunningServer(
+            server, channel, pb_grpc.InferenceServiceStub(channel),
+            health_pb2_grpc.HealthStub(channel),
+        )
+    finally:
+        await channel.close()
+        await server.drain(grace_s=0)
+
+
+@pytest.fixture(scope="session")
+async def tiny_server(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[RunningServer]:
+    """One shared server on the tiny model for tests that do not change its state."""
+    async with running_server(tiny_settings(tiny_model_dir, cache_dir, max_concurrent=8)) as s:
+        yield s
+
+
+def prompt_request(prompt: str | None = "Hello world", **config: Any) -> pb.PredictRequest:
+    request = pb.PredictRequest(config=pb.InferenceConfig(**config))
+    if prompt is not None:
+        request.features["prompt"].string_value = prompt
+    return request
+
+
+async def health_status(running: RunningServer, service: str) -> int:
+    response = await running.health.Check(health_pb2.HealthCheckRequest(service=service))
+    return int(response.status)
+
+
+async def collect_stream(stub: pb_grpc.InferenceServiceStub, request: pb.PredictRequest,
+                         **kwargs: Any) -> list[pb.PredictToken]:
+    return [token async for token in stub.StreamPredict(request, **kwargs)]
