@@ -49,8 +49,21 @@ def free_port() -> int:
 def server(model: str, concurrency: int) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "llm_stream.serve", "--host", "127.0.0.1", "--port", str(port),
-         "--model", model, "--max-concurrent", str(concurrency), "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "llm_stream.serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            model,
+            "--max-concurrent",
+            str(concurrency),
+            "--log-level",
+            "WARNING",
+        ],
         env=os.environ.copy(),
     )
     try:
@@ -76,8 +89,13 @@ async def streams(client: InferenceClient, n: int, tokens: int) -> Row:
     started = time.perf_counter()
     results = await asyncio.gather(*(one_stream(client, tokens) for _ in range(n)))
     elapsed = time.perf_counter() - started
-    return Row(f"StreamPredict x{n} concurrent", n, sum(r[0] for r in results), elapsed,
-               statistics.median(r[1] for r in results))
+    return Row(
+        f"StreamPredict x{n} concurrent",
+        n,
+        sum(r[0] for r in results),
+        elapsed,
+        statistics.median(r[1] for r in results),
+    )
 
 
 async def batch(client: InferenceClient, n: int, tokens: int) -> Row:
@@ -109,8 +127,13 @@ def plain_generate(tokens: int) -> Row:
     started = time.perf_counter()
     out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
     elapsed = time.perf_counter() - started
-    return Row("plain generate, batch 1 (baseline)", 1, out.shape[1] - ids["input_ids"].shape[1],
-               elapsed, None)
+    return Row(
+        "plain generate, batch 1 (baseline)",
+        1,
+        out.shape[1] - ids["input_ids"].shape[1],
+        elapsed,
+        None,
+    )
 
 
 async def run(args: argparse.Namespace, target: str) -> list[Row]:

@@ -76,7 +76,9 @@ async def running_server(
             assert server.ready is not None
             await asyncio.wait_for(asyncio.shield(server.ready), 120)
         yield RunningServer(
-            server, channel, pb_grpc.InferenceServiceStub(channel),
+            server,
+            channel,
+            pb_grpc.InferenceServiceStub(channel),
             health_pb2_grpc.HealthStub(channel),
         )
     finally:
@@ -103,6 +105,7 @@ async def health_status(running: RunningServer, service: str) -> int:
     return int(response.status)
 
 
-async def collect_stream(stub: pb_grpc.InferenceServiceStub, request: pb.PredictRequest,
-                         **kwargs: Any) -> list[pb.PredictToken]:
+async def collect_stream(
+    stub: pb_grpc.InferenceServiceStub, request: pb.PredictRequest, **kwargs: Any
+) -> list[pb.PredictToken]:
     return [token async for token in stub.StreamPredict(request, **kwargs)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -102,18 +102,31 @@ async def test_unary_deadline_stops_generation(one_slot_server: RunningServer) -
     await assert_model_free(one_slot_server)
 
 
-async def test_waiting_request_cancelled_in_queue_frees_its_place(
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition the server reaches on its own (a hang guard, not a timing check)."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 - server state has no event to await
+            await asyncio.sleep(0.01)
+
+
+async def test_request_cancelled_while_queued_leaves_the_queue(
     one_slot_server: RunningServer,
 ) -> None:
-    holder = one_slot_server.stub.StreamPredict(prompt_request("hold", max_tokens=MAX_TOKENS))
-    await holder.read()
-    queued = one_slot_server.stub.Predict(prompt_request("queued", max_tokens=3))
-    await asyncio.sleep(0.2)  # let it reach the wait queue
-    queued.cancel()
-    holder.cancel()
-    await assert_model_free(one_slot_server)
     engine = one_slot_server.server.engine
-    assert engine.in_flight == 0
+    holder_request = prompt_request("hold", max_tokens=MAX_TOKENS)
+    holder_request.request_id = "holder"
+    holder = one_slot_server.stub.StreamPredict(holder_request)
+    await holder.read()
+    queued_request = prompt_request("queued", max_tokens=3)
+    queued_request.request_id = "queued"
+    queued = one_slot_server.stub.Predict(queued_request)
+    await eventually(lambda: engine.waiting == 1)
+    queued.cancel()
+    await eventually(lambda: engine.waiting == 0)
+    holder.cancel()
+    assert_stopped_early(await finished(one_slot_server, "holder"), MAX_TOKENS // 2)
+    await assert_model_free(one_slot_server)
+    assert all(record.request_id != "queued" for record in engine.finished)
 
 
 def test_backend_stops_within_one_decode_step(tiny_model_dir: Path, cache_dir: Path) -> None:

@@ -116,9 +116,20 @@ def test_readme_flow_serve_then_client(tmp_path: Path) -> None:
     )
     try:
         client = subprocess.run(
-            [sys.executable, "-m", "llm_stream.client", "--target", f"127.0.0.1:{port}",
-             "--max-tokens", "12", "What is the capital of France?"],
-            capture_output=True, text=True, timeout=180, check=False,
+            [
+                sys.executable,
+                "-m",
+                "llm_stream.client",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--max-tokens",
+                "12",
+                "What is the capital of France?",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
         )
         assert client.returncode == 0, client.stderr
         assert "Paris" in client.stdout

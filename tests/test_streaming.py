@@ -13,7 +13,12 @@ from llm_stream.model.stop_sequences import StopSequenceFilter
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from tests.conftest import RunningServer, collect_stream, prompt_request
 
-PROMPTS = ["Hello world", "Emoji: 😀 🚀 🎉 👍🏽", "日本語のテキスト，中文文本", "Mixed: café 🎉 中文 ok"]
+PROMPTS = [
+    "Hello world",
+    "Emoji: 😀 🚀 🎉 👍🏽",
+    "日本語のテキスト，中文文本",
+    "Mixed: café 🎉 中文 ok",
+]
 
 
 def stream_text(tokens: list[pb.PredictToken]) -> str:

@@ -103,8 +103,18 @@ class Engine:
         return backend
 
     @property
+    def active(self) -> int:
+        """Generations holding a slot (their worker is running)."""
+        return self._admission.active
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return self._admission.waiting
+
+    @property
     def in_flight(self) -> int:
-        return self._admission.active + self._admission.waiting
+        return self.active + self.waiting
 
     def check_accepting(self) -> None:
         if self.state is EngineState.STARTING:
@@ -142,6 +152,7 @@ class Engine:
 
     async def complete(self, request: GenerationRequest) -> Completion:
         started = time.monotonic()
+        self.check_accepting()
         backend = self.backend_for(request.model_id)
         parts: list[str] = []
         end: StreamEnd | None = None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor
 
 from llm_stream.engine.types import SamplingParams
 
@@ -36,8 +37,8 @@ def make_row(params: SamplingParams, pad_length: int, device: torch.device) -> R
     return RowSampling(params=params, pad_length=pad_length, generator=generator)
 
 
-class PerRowSampler:
-    """A transformers LogitsProcessor (duck-typed: called with ids and scores)."""
+class PerRowSampler(LogitsProcessor):
+    """Repetition penalty and sampling, each row with its own settings and generator."""
 
     def __init__(self, rows: Sequence[RowSampling]) -> None:
         self._rows = list(rows)
@@ -46,7 +47,7 @@ class PerRowSampler:
         out = scores.clone()
         for i, row in enumerate(self._rows):
             out[i] = self._process_row(input_ids[i, row.pad_length :], out[i], row)
-        return out  # type: ignore[return-value]
+        return out  # type: ignore[return-value]  # FloatTensor is only a type alias
 
     @staticmethod
     def _process_row(ids: torch.Tensor, logits: torch.Tensor, row: RowSampling) -> torch.Tensor:
