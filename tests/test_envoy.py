@@ -1,0 +1,254 @@
+"""A real Envoy (deploy/envoy.yaml) in front of real replicas on loopback.
+
+Needs the Envoy binary from scripts/install_tools.sh; without it these tests
+fail (they never skip), so CI cannot pass while silently not testing Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+
+from llm_stream.engine.types import (
+    Completion,
+    EmitFn,
+    GenerationBackend,
+    GenerationRequest,
+    StopSignal,
+    StreamEnd,
+    TokenEvent,
+)
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_stream.protocol.server import load_configured_models
+from llm_stream.settings import Settings
+from tests.conftest import RunningServer, prompt_request, running_server, tiny_settings
+from tests.test_e2e_default_model import free_port
+
+pytestmark = pytest.mark.deploy
+
+REPO = Path(__file__).resolve().parent.parent
+ENVOY = REPO / ".tools" / "bin" / "envoy"
+
+
+def render_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("render_envoy", REPO / "scripts/render_envoy.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class EnvoyProxy:
+    def __init__(self, upstreams: Sequence[RunningServer], workdir: Path) -> None:
+        if not ENVOY.exists():
+            pytest.fail(f"{ENVOY} is missing: run scripts/install_tools.sh")
+        self.port, self.admin_port = free_port(), free_port()
+        self.upstream_ports = [u.server.port for u in upstreams]
+        config = workdir / "envoy.yaml"
+        config.write_text(
+            render_module().render(
+                self.port, self.admin_port, [("127.0.0.1", p) for p in self.upstream_ports]
+            )
+        )
+        self.log = workdir / "envoy.log"
+        self._process = subprocess.Popen(
+            [str(ENVOY), "-c", str(config), "--log-level", "warn", "--disable-hot-restart"],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.InferenceServiceStub(self.channel)
+
+    def health_flags(self) -> dict[int, str]:
+        url = f"http://127.0.0.1:{self.admin_port}/clusters"
+        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
+            text = response.read().decode()
+        flags = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == "llm_stream" and parts[2] == "health_flags":
+                flags[int(parts[1].rsplit(":", 1)[1])] = parts[3]
+        return flags
+
+    async def wait_health(self, port: int, healthy: bool, timeout: float = 30.0) -> None:
+        """Wait for Envoy's own active health check to reach a verdict on one replica."""
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(OSError):
+                    flag = (await asyncio.to_thread(self.health_flags)).get(port)
+                    if flag is not None and (flag == "healthy") == healthy:
+                        return
+                await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self._process.terminate()
+        self._process.wait(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def envoy_in_front(
+    upstreams: Sequence[RunningServer], workdir: Path
+) -> AsyncIterator[EnvoyProxy]:
+    proxy = EnvoyProxy(upstreams, workdir)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+def served(replica: RunningServer, prefix: str) -> int:
+    return sum(r.request_id.startswith(prefix) for r in replica.server.engine.finished)
+
+
+def tagged(prefix: str, index: int, **config: object) -> pb.PredictRequest:
+    request = prompt_request("Hello world", **config)
+    request.request_id = f"{prefix}{index}"
+    return request
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    count: int, tiny_model_dir: Path, cache_dir: Path, **overrides: object
+) -> AsyncIterator[list[RunningServer]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                running_server(tiny_settings(tiny_model_dir, cache_dir, **overrides))
+            )
+            for _ in range(count)
+        ]
+
+
+async def test_unary_and_streams_spread_over_replicas(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    async with (
+        replicas(2, tiny_model_dir, cache_dir) as (first, second),
+        envoy_in_front([first, second], tmp_path) as envoy,
+    ):
+        for port in envoy.upstream_ports:
+            await envoy.wait_health(port, healthy=True)
+        for i in range(12):
+            await envoy.stub.Predict(tagged("unary-", i, max_tokens=2), timeout=30)
+        for i in range(12):
+            tokens = [t async for t in envoy.stub.StreamPredict(tagged("stream-", i, max_tokens=4))]
+            assert tokens[-1].is_final
+        for prefix in ("unary-", "stream-"):
+            counts = served(first, prefix), served(second, prefix)
+            assert sum(counts) == 12
+            assert min(counts) >= 2, counts
+
+
+async def test_stopped_replica_gets_no_more_requests(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    async with (
+        replicas(2, tiny_model_dir, cache_dir) as (keeper, leaver),
+        envoy_in_front([keeper, leaver], tmp_path) as envoy,
+    ):
+        for port in envoy.upstream_ports:
+            await envoy.wait_health(port, healthy=True)
+        await leaver.server.drain(grace_s=0)
+        # No waiting for Envoy to notice: retries and health checks must cover it.
+        for i in range(10):
+            response = await envoy.stub.Predict(tagged("after-", i, max_tokens=2), timeout=30)
+            assert response.usage.completion_tokens > 0
+            tokens = [t async for t in envoy.stub.StreamPredict(tagged("after-s", i, max_tokens=3))]
+            assert tokens[-1].is_final
+        assert served(keeper, "after-") == 20
+
+
+async def test_warming_replica_gets_no_traffic(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    def load_when_released(settings: Settings) -> Sequence[GenerationBackend]:
+        release.wait(timeout=60)
+        return load_configured_models(settings)
+
+    settings = tiny_settings(tiny_model_dir, cache_dir)
+    async with (
+        running_server(settings) as warm,
+        running_server(settings, wait_ready=False, load_models=load_when_released) as cold,
+        envoy_in_front([warm, cold], tmp_path) as envoy,
+    ):
+        await envoy.wait_health(warm.server.port, healthy=True)
+        await envoy.wait_health(cold.server.port, healthy=False)
+        for i in range(12):
+            await envoy.stub.Predict(tagged("early-", i, max_tokens=2), timeout=30)
+        assert served(warm, "early-") == 12
+        assert cold.server.engine.finished == type(cold.server.engine.finished)()
+        release.set()
+        assert cold.server.ready is not None
+        await asyncio.wait_for(asyncio.shield(cold.server.ready), 60)
+        await envoy.wait_health(cold.server.port, healthy=True)
+        for i in range(12):
+            await envoy.stub.Predict(tagged("late-", i, max_tokens=2), timeout=30)
+        assert served(cold, "late-") >= 2  # once warm, it joins the rotation
+
+
+class SlowBackend:
+    """The tiny model paced like a busy GPU: every token takes ``delay`` seconds."""
+
+    def __init__(self, inner: GenerationBackend, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+        self.model_id, self.version, self.device = inner.model_id, inner.version, inner.device
+
+    def stream(self, request: GenerationRequest, stop: StopSignal, emit: EmitFn) -> StreamEnd:
+        def paced(event: TokenEvent) -> bool:
+            stop.event.wait(self._delay)
+            return emit(event)
+
+        return self._inner.stream(request, stop, paced)
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], stop: StopSignal
+    ) -> list[Completion | Exception]:
+        return self._inner.generate_batch(requests, stop)
+
+
+def slow_models(delay: float) -> Callable[[Settings], Sequence[GenerationBackend]]:
+    def load(settings: Settings) -> Sequence[GenerationBackend]:
+        return [SlowBackend(b, delay) for b in load_configured_models(settings)]
+
+    return load
+
+
+async def test_stream_longer_than_default_timeouts_passes_whole(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Envoy's default route timeout is 15 s; this stream lasts about 17 s."""
+    tokens_wanted, delay = 170, 0.1
+    settings = tiny_settings(tiny_model_dir, cache_dir)
+    async with (
+        running_server(settings, load_models=slow_models(delay)) as slow,
+        envoy_in_front([slow], tmp_path) as envoy,
+    ):
+        await envoy.wait_health(slow.server.port, healthy=True)
+        request = prompt_request("Hello world", max_tokens=tokens_wanted)
+        started = time.monotonic()
+
+        async def through_envoy() -> list[pb.PredictToken]:
+            return [t async for t in envoy.stub.StreamPredict(request, timeout=120)]
+
+        tokens, direct = await asyncio.gather(through_envoy(), slow.stub.Predict(request))
+        elapsed = time.monotonic() - started
+    assert elapsed > 15, "the stream must outlast Envoy's default 15 s route timeout"
+    assert tokens[-1].is_final
+    assert tokens[-1].usage.completion_tokens == direct.usage.completion_tokens
+    assert "".join(t.token for t in tokens[:-1]) == direct.text
