@@ -58,7 +58,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Clients may ping this often; a faster client is never sent GOAWAY
         # too_many_pings (max_ping_strikes 0 = unlimited), its pings are just ignored.
         (
-            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            # grpc's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS.
+            "grpc.http2.min_ping_interval_without_data_ms",
             int(settings.min_ping_interval_s * 1000),
         ),
         ("grpc.http2.max_ping_strikes", 0),

@@ -1,0 +1,299 @@
+"""Health through warm-up and drain, in-process and on the real CLI with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import socket
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_stream.engine.types import FinishReason, GenerationBackend
+from llm_stream.errors import ModelLoadError
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_stream.protocol.server import load_configured_models
+from llm_stream.settings import Settings
+from tests.conftest import (
+    RunningServer,
+    collect_stream,
+    prompt_request,
+    running_server,
+    tiny_settings,
+)
+
+SERVICES = ("", "inference.v1.InferenceService", "InferenceService")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Without BDP probing the client's receive window stays tiny, so a stream that
+# is not read holds the server back: it is still running when drain starts.
+THROTTLED_CHANNEL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
+HANG_GUARD_S = 60
+
+
+class Watcher:
+    """A standard health Watch stream, read status by status."""
+
+    def __init__(
+        self, stub: health_pb2_grpc.HealthStub, service: str, wait_for_ready: bool = False
+    ) -> None:
+        self.call = stub.Watch(
+            health_pb2.HealthCheckRequest(service=service), wait_for_ready=wait_for_ready
+        )
+
+    async def until(self, status: int) -> None:
+        async def read() -> None:
+            while True:
+                response = await self.call.read()
+                assert response is not grpc.aio.EOF, "health Watch ended"
+                if response.status == status:
+                    return
+
+        await asyncio.wait_for(read(), HANG_GUARD_S)
+
+    async def next_status(self) -> int:
+        response = await asyncio.wait_for(self.call.read(), HANG_GUARD_S)
+        assert response is not grpc.aio.EOF
+        return int(response.status)
+
+
+async def all_statuses(running: RunningServer) -> tuple[list[int], int]:
+    standard = [
+        int((await running.health.Check(health_pb2.HealthCheckRequest(service=s))).status)
+        for s in SERVICES
+    ]
+    contract = [
+        int((await running.stub.Check(pb.HealthCheckRequest(service=s))).status) for s in SERVICES
+    ]
+    assert len(set(contract)) == 1
+    return standard, contract[0]
+
+
+async def assert_unavailable(
+    stub: pb_grpc.InferenceServiceStub, *fragments: str
+) -> list[grpc.aio.AioRpcError]:
+    request = prompt_request("Hello world", max_tokens=3)
+    attempts = [
+        stub.Predict(request, timeout=10),
+        collect_stream(stub, request, timeout=10),
+        stub.BatchPredict(pb.BatchPredictRequest(requests=[request]), timeout=10),
+    ]
+    errors = []
+    for attempt in attempts:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await attempt
+        details = raised.value.details() or ""
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE, details
+        for fragment in fragments:
+            assert fragment in details, details
+        errors.append(raised.value)
+    return errors
+
+
+async def read_rest(call: grpc.aio.UnaryStreamCall) -> list[pb.PredictToken]:
+    """The remaining messages of a stream already read with ``read()``."""
+    tokens = []
+    while (token := await asyncio.wait_for(call.read(), HANG_GUARD_S)) is not grpc.aio.EOF:
+        tokens.append(token)
+    return tokens
+
+
+# -- warm-up ---------------------------------------------------------------------
+
+
+async def test_not_serving_until_loaded_and_warmed_up(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    gate = threading.Event()
+
+    def slow_load(settings: Settings) -> Sequence[GenerationBackend]:
+        if not gate.wait(HANG_GUARD_S):
+            raise TimeoutError("the test never released the model load")
+        return load_configured_models(settings)
+
+    settings = tiny_settings(tiny_model_dir, cache_dir)
+    async with running_server(settings, wait_ready=False, load_models=slow_load) as running:
+        try:
+            # The port answers at once, while the model is still "loading".
+            watchers = [Watcher(running.health, s) for s in SERVICES]
+            for watcher in watchers:
+                assert await watcher.next_status() == NOT_SERVING
+            standard, contract = await all_statuses(running)
+            assert standard == [NOT_SERVING] * 3
+            assert contract == pb.HealthCheckResponse.NOT_SERVING
+            await assert_unavailable(running.stub, "loading or warming up", "SERVING")
+            assert running.server.ready is not None and not running.server.ready.done()
+        finally:
+            gate.set()
+
+        for watcher in watchers:
+            await watcher.until(SERVING)
+            watcher.call.cancel()
+        standard, contract = await all_statuses(running)
+        assert standard == [SERVING] * 3
+        assert contract == pb.HealthCheckResponse.SERVING
+        response = await running.stub.Predict(prompt_request("Hello world", max_tokens=3))
+        assert response.usage.completion_tokens > 0
+
+
+async def test_failed_load_stays_not_serving(tiny_model_dir: Path, cache_dir: Path) -> None:
+    settings = tiny_settings(tiny_model_dir, cache_dir, models=("/nonexistent/llm-stream-model",))
+    async with running_server(settings, wait_ready=False) as running:
+        assert running.server.ready is not None
+        with pytest.raises(ModelLoadError, match="does not exist"):
+            await asyncio.wait_for(asyncio.shield(running.server.ready), HANG_GUARD_S)
+        standard, contract = await all_statuses(running)
+        assert standard == [NOT_SERVING] * 3
+        assert contract == pb.HealthCheckResponse.NOT_SERVING
+        await assert_unavailable(running.stub)
+
+
+# -- drain -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def throttled_server(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[RunningServer]:
+    settings = tiny_settings(tiny_model_dir, cache_dir, stream_buffer=2)
+    async with running_server(settings, channel_options=THROTTLED_CHANNEL) as running:
+        yield running
+
+
+async def test_drain_flips_health_first_and_finishes_in_flight_stream(
+    throttled_server: RunningServer,
+) -> None:
+    running = throttled_server
+    request = prompt_request("Hello world", max_tokens=400)
+    request.request_id = "in-flight-at-drain"
+    stream = running.stub.StreamPredict(request)
+    first = await stream.read()
+    assert first.token_index == 0
+    assert running.server.engine.in_flight == 1  # held back by the unread stream
+
+    watcher = Watcher(running.health, "")
+    assert await watcher.next_status() == SERVING
+    drain = asyncio.create_task(running.server.drain(grace_s=30))
+    assert await watcher.next_status() == NOT_SERVING
+    watcher.call.cancel()  # an open Watch is itself an in-flight RPC
+    await assert_unavailable(running.stub)
+    assert not drain.done()
+
+    rest = await read_rest(stream)
+    final = rest[-1]
+    assert final.is_final
+    assert final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert final.usage.completion_tokens == 400 == len(rest)  # first + 399 tokens + final
+    await asyncio.wait_for(drain, HANG_GUARD_S)
+    record = await running.server.engine.wait_finished("in-flight-at-drain", HANG_GUARD_S)
+    assert record.finish_reason is FinishReason.LENGTH
+
+
+async def test_drain_grace_expiry_cuts_the_stream_and_stops_the_model(
+    throttled_server: RunningServer,
+) -> None:
+    running = throttled_server
+    max_tokens = 3500
+    request = prompt_request("Hello world", max_tokens=max_tokens)
+    request.request_id = "outlives-grace"
+    stream = running.stub.StreamPredict(request)
+    await stream.read()
+    await asyncio.wait_for(running.server.drain(grace_s=0.5), HANG_GUARD_S)
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        tokens = await read_rest(stream)
+        pytest.fail(f"the stream was not cut: {len(tokens)} more messages")
+    assert raised.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), (
+        raised.value
+    )
+    record = await running.server.engine.wait_finished("outlives-grace", HANG_GUARD_S)
+    assert record.finish_reason is FinishReason.CANCELLED
+    assert record.completion_tokens < max_tokens // 4
+
+
+# -- the real process: SIGTERM and a model that fails to load ---------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llm_stream.serve",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    lines: list[str] = []
+
+    async def pump() -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            lines.append(line.decode(errors="replace"))
+
+    reader = asyncio.create_task(pump())
+    try:
+        yield process, lines
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await reader
+
+
+async def test_sigterm_drains_then_exits_zero(tiny_model_dir: Path, cache_dir: Path) -> None:
+    port = free_port()
+    args = ("--model", f"tiny={tiny_model_dir}", "--host", "127.0.0.1", "--port", str(port))
+    # The grace is a bound, not a wait: drain ends as soon as the stream has finished.
+    args += ("--cache-dir", str(cache_dir), "--drain-grace", "20", "--stream-buffer", "2")
+    async with serve_process(*args) as (process, lines):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=list(THROTTLED_CHANNEL))
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            watcher = Watcher(health, "InferenceService", wait_for_ready=True)
+            await watcher.until(SERVING)  # the model loads in the child process
+
+            stub = pb_grpc.InferenceServiceStub(channel)
+            stream = stub.StreamPredict(prompt_request("Hello world", max_tokens=300))
+            assert (await stream.read()).token_index == 0
+            process.send_signal(signal.SIGTERM)
+            await watcher.until(NOT_SERVING)  # health flips first, while draining
+            watcher.call.cancel()
+            rest = await read_rest(stream)  # the stream still finishes whole
+            assert rest[-1].is_final
+            assert rest[-1].usage.completion_tokens == 300
+            assert await asyncio.wait_for(process.wait(), HANG_GUARD_S) == 0
+        finally:
+            await channel.close()
+
+    log = "".join(lines)
+    ready_line = re.search(
+        rf"ready: serving on 127\.0\.0\.1:{port} model=tiny version=(\S+) device=cpu", log
+    )
+    assert ready_line, log
+    assert ready_line.group(1).startswith("sha256-")
+    assert "shutdown signal received" in log
+    assert "Traceback" not in log
+
+
+async def test_model_that_fails_to_load_exits_one(cache_dir: Path) -> None:
+    args = ("--model", "/nonexistent/folder", "--host", "127.0.0.1", "--port", "0")
+    async with serve_process(*args, "--cache-dir", str(cache_dir)) as (process, lines):
+        assert await asyncio.wait_for(process.wait(), HANG_GUARD_S) == 1
+    log = "".join(lines)
+    errors = [line for line in lines if " ERROR " in line]
+    assert len(errors) == 1, log
+    assert "cannot start" in errors[0] and "'/nonexistent/folder' does not exist" in errors[0]
+    assert "Traceback" not in log
