@@ -43,6 +43,13 @@ class Settings:
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
     min_ping_interval_s: float = 10.0
+    # Pings closer than min_ping_interval_s a client may send before GOAWAY
+    # too_many_pings; 0 means never, so mismatched keepalive never cuts a stream.
+    max_ping_strikes: int = 0
+    # Close connections after this long (0 = never) so clients re-resolve DNS and
+    # spread onto new replicas; streams get max_connection_age_grace_s to finish.
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 300.0
     compression: str = "gzip"
     reflection: bool = True
     warmup_tokens: int = 2

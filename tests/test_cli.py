@@ -45,6 +45,9 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--keepalive-time": ("12", "keepalive_time_s", 12.0),
     "--keepalive-timeout": ("4", "keepalive_timeout_s", 4.0),
     "--min-ping-interval": ("2", "min_ping_interval_s", 2.0),
+    "--max-ping-strikes": ("2", "max_ping_strikes", 2),
+    "--max-connection-age": ("120", "max_connection_age_s", 120.0),
+    "--max-connection-age-grace": ("15", "max_connection_age_grace_s", 15.0),
     "--compression": ("none", "compression", "none"),
     "--reflection": ("false", "reflection", False),
     "--warmup-tokens": ("3", "warmup_tokens", 3),
@@ -105,6 +108,8 @@ def test_model_flag_repeats_and_env_is_comma_separated() -> None:
     ("argv", "env", "fragments"),
     [
         (["--port", "fifty"], {}, ("--port", "fifty")),
+        (["--port", "70000"], {}, ("--port", "0 to 65535")),
+        (["--max-ping-strikes", "-1"], {}, ("--max-ping-strikes", "negative")),
         (["--max-concurrent", "0"], {}, ("--max-concurrent", "at least 1")),
         (["--max-message-mb", "-5"], {}, ("--max-message-mb",)),
         (["--drain-grace", "-1"], {}, ("--drain-grace", "negative")),

@@ -181,7 +181,9 @@ async def test_drain_flips_health_first_and_finishes_in_flight_stream(
     assert await watcher.next_status() == SERVING
     drain = asyncio.create_task(running.server.drain(grace_s=30))
     assert await watcher.next_status() == NOT_SERVING
-    watcher.call.cancel()  # an open Watch is itself an in-flight RPC
+    # The Watch ends by itself once it has said NOT_SERVING, so it cannot hold the drain.
+    assert await asyncio.wait_for(watcher.call.read(), HANG_GUARD_S) is grpc.aio.EOF
+    assert await watcher.call.code() is grpc.StatusCode.OK
     await assert_unavailable(running.stub)
     assert not drain.done()
 
@@ -297,3 +299,16 @@ async def test_model_that_fails_to_load_exits_one(cache_dir: Path) -> None:
     assert len(errors) == 1, log
     assert "cannot start" in errors[0] and "'/nonexistent/folder' does not exist" in errors[0]
     assert "Traceback" not in log
+
+
+async def test_open_health_watch_does_not_hold_the_drain(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """A watching client (gRPC client-side health checking) must not make every drain
+    last its whole grace: with nothing else in flight the drain ends long before it."""
+    async with running_server(tiny_settings(tiny_model_dir, cache_dir)) as running:
+        watcher = Watcher(running.health, "inference.v1.InferenceService")
+        assert await watcher.next_status() == SERVING
+        await asyncio.wait_for(running.server.drain(grace_s=600), HANG_GUARD_S)
+        assert await watcher.next_status() == NOT_SERVING
+        assert await asyncio.wait_for(watcher.call.read(), HANG_GUARD_S) is grpc.aio.EOF

@@ -315,6 +315,37 @@ async def test_eager_pinging_client_is_not_sent_goaway(eager_ping_server: Runnin
     assert response.usage.completion_tokens > 0
 
 
+async def test_ping_strikes_when_enabled_do_send_goaway(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """--max-ping-strikes is live: an operator who enables it gets grpc's enforcement."""
+    settings = tiny_settings(tiny_model_dir, cache_dir, stream_buffer=2, max_ping_strikes=1)
+    options = THROTTLED_CHANNEL + EAGER_PINGS
+    async with running_server(settings, channel_options=options) as running:
+        stream = running.stub.StreamPredict(prompt_request("Hello world", max_tokens=500))
+        assert (await stream.read()).token_index == 0
+        await asyncio.sleep(6)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            while await asyncio.wait_for(stream.read(), HANG_GUARD_S) is not grpc.aio.EOF:
+                pass
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert raised.value.details() == "Too many pings"
+
+
+def test_connection_age_option_reaches_grpc(tiny_model_dir: Path, cache_dir: Path) -> None:
+    off = dict(server_options(tiny_settings(tiny_model_dir, cache_dir)))
+    assert "grpc.max_connection_age_ms" not in off
+    on = dict(
+        server_options(
+            tiny_settings(
+                tiny_model_dir, cache_dir, max_connection_age_s=600, max_connection_age_grace_s=30
+            )
+        )
+    )
+    assert on["grpc.max_connection_age_ms"] == 600_000
+    assert on["grpc.max_connection_age_grace_ms"] == 30_000
+
+
 def test_keepalive_options_reach_grpc(tiny_model_dir: Path, cache_dir: Path) -> None:
     settings = tiny_settings(tiny_model_dir, cache_dir, min_ping_interval_s=7.5)
     options = dict(server_options(settings))

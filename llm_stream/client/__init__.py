@@ -156,10 +156,19 @@ class InferenceClient:
         """Wait until health reports SERVING (the model is loaded and warmed up)."""
         request = health_pb2.HealthCheckRequest(service=service)
         watch = self._health.Watch(request, timeout=timeout, wait_for_ready=True)
-        async for response in watch:
-            if response.status == health_pb2.HealthCheckResponse.SERVING:
-                watch.cancel()
-                return
+        try:
+            async for response in watch:
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            raise TimeoutError(
+                f"{self.target} did not report SERVING within {timeout:g} s"
+            ) from None
+        finally:
+            watch.cancel()
+        raise ConnectionError(f"{self.target} ended the health watch: it is shutting down")
 
     async def predict(
         self, prompt: str, *, timeout: float | None = None, **options: Any

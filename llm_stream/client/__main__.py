@@ -95,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.aio.AioRpcError as exc:
         log.error("%s: %s", exc.code().name, exc.details())
         return 1
-    except TimeoutError:
-        log.error("the server at %s did not become ready in time", args.target)
+    except (TimeoutError, ConnectionError) as exc:
+        log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -47,7 +47,7 @@ def load_configured_models(settings: Settings) -> list[GenerationBackend]:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # Server pings keep long, quiet streams alive through proxies and NATs.
@@ -55,17 +55,29 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
-        # Clients may ping this often; a faster client is never sent GOAWAY
-        # too_many_pings (max_ping_strikes 0 = unlimited), its pings are just ignored.
+        # A client ping sooner than this after the last data frame is a strike
+        # (grpc's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS) ...
         (
-            # grpc's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS.
             "grpc.http2.min_ping_interval_without_data_ms",
             int(settings.min_ping_interval_s * 1000),
         ),
-        ("grpc.http2.max_ping_strikes", 0),
+        # ... and this many strikes earn GOAWAY too_many_pings. The default 0 never
+        # sends it: a client with eager keepalive is answered, not disconnected.
+        ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
         # Fail loudly when the port is taken instead of sharing it.
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_s > 0:
+        # Periodic GOAWAY makes clients reconnect and re-resolve dns:/// names, so
+        # client-side round_robin learns about new replicas; streams may finish.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(settings.max_connection_age_grace_s * 1000),
+            ),
+        ]
+    return options
 
 
 class LLMStreamServer:
