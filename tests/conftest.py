@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,13 @@ def prompt_request(prompt: str | None = "Hello world", **config: Any) -> pb.Pred
 async def health_status(running: RunningServer, service: str) -> int:
     response = await running.health.Check(health_pb2.HealthCheckRequest(service=service))
     return int(response.status)
+
+
+def free_port() -> int:
+    """A port free right now, for processes that need one named up front."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def collect_stream(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +20,13 @@ from llm_stream.model.loader import file_digest
 from llm_stream.model.sources import embedded_gguf_path
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings, default_cache_dir
-from tests.conftest import RunningServer, collect_stream, prompt_request, running_server
+from tests.conftest import (
+    RunningServer,
+    collect_stream,
+    free_port,
+    prompt_request,
+    running_server,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -96,12 +101,6 @@ async def test_batch_on_the_real_model(default_server: RunningServer) -> None:
     assert len(response.results) == 3
     assert all(r.HasField("response") and r.response.text for r in response.results)
     assert "Paris" in response.results[2].response.text
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_readme_flow_serve_then_client(tmp_path: Path) -> None:

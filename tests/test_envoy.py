@@ -33,8 +33,13 @@ from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.protocol.server import load_configured_models
 from llm_stream.settings import Settings
-from tests.conftest import RunningServer, prompt_request, running_server, tiny_settings
-from tests.test_e2e_default_model import free_port
+from tests.conftest import (
+    RunningServer,
+    free_port,
+    prompt_request,
+    running_server,
+    tiny_settings,
+)
 
 pytestmark = pytest.mark.deploy
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import re
 import signal
-import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +24,7 @@ from llm_stream.settings import Settings
 from tests.conftest import (
     RunningServer,
     collect_stream,
+    free_port,
     prompt_request,
     running_server,
     tiny_settings,
@@ -220,12 +220,6 @@ async def test_drain_grace_expiry_cuts_the_stream_and_stops_the_model(
 
 
 # -- the real process: SIGTERM and a model that fails to load ---------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
