@@ -41,10 +41,16 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.__version__.star
     log "NVIDIA GPU found: installing torch $TORCH_VERSION with CUDA"
     "${pip[@]}" "torch==$TORCH_VERSION"
   else
-    log "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
-    "${pip[@]}" "torch==$TORCH_VERSION" \
-      --index-url "${LLM_STREAM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
-      --extra-index-url https://pypi.org/simple
+    cpu_index=${LLM_STREAM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+    # One quick probe instead of pip retrying an unreachable index for every package.
+    if .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=5)' "$cpu_index" 2>/dev/null; then
+      log "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION from $cpu_index"
+      "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$cpu_index" --extra-index-url https://pypi.org/simple
+    else
+      log "no NVIDIA GPU and $cpu_index is unreachable: installing torch $TORCH_VERSION from the configured index"
+      log "(pip's find-links or a mirror should offer the CPU build; set LLM_STREAM_TORCH_INDEX to a reachable CPU index otherwise)"
+      "${pip[@]}" "torch==$TORCH_VERSION"
+    fi
   fi
 fi
 

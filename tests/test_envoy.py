@@ -45,6 +45,7 @@ pytestmark = pytest.mark.deploy
 
 REPO = Path(__file__).resolve().parent.parent
 ENVOY = REPO / ".tools" / "bin" / "envoy"
+SPREAD_RPCS = 40
 
 
 def render_module() -> ModuleType:
@@ -146,15 +147,17 @@ async def test_unary_and_streams_spread_over_replicas(
     ):
         for port in envoy.upstream_ports:
             await envoy.wait_health(port, healthy=True)
-        for i in range(12):
+        # Least-request over idle replicas is a coin flip per RPC: 40 RPCs make
+        # "each replica got at least 8" fail about once in a million runs.
+        for i in range(SPREAD_RPCS):
             await envoy.stub.Predict(tagged("unary-", i, max_tokens=2), timeout=30)
-        for i in range(12):
+        for i in range(SPREAD_RPCS):
             tokens = [t async for t in envoy.stub.StreamPredict(tagged("stream-", i, max_tokens=4))]
             assert tokens[-1].is_final
         for prefix in ("unary-", "stream-"):
             counts = served(first, prefix), served(second, prefix)
-            assert sum(counts) == 12
-            assert min(counts) >= 2, counts
+            assert sum(counts) == SPREAD_RPCS
+            assert min(counts) >= SPREAD_RPCS // 5, counts
 
 
 async def test_stopped_replica_gets_no_more_requests(
@@ -201,9 +204,11 @@ async def test_warming_replica_gets_no_traffic(
         assert cold.server.ready is not None
         await asyncio.wait_for(asyncio.shield(cold.server.ready), 60)
         await envoy.wait_health(cold.server.port, healthy=True)
-        for i in range(12):
+        for i in range(SPREAD_RPCS):
             await envoy.stub.Predict(tagged("late-", i, max_tokens=2), timeout=30)
-        assert served(cold, "late-") >= 2  # once warm, it joins the rotation
+        # Once warm it joins the rotation (the first few RPCs may still see the old
+        # host set while Envoy's workers catch up with the health verdict).
+        assert served(cold, "late-") >= SPREAD_RPCS // 5
 
 
 class SlowBackend:
