@@ -51,6 +51,8 @@ class Settings:
     max_connection_age_s: float = 0.0
     max_connection_age_grace_s: float = 300.0
     compression: str = "gzip"
+    # Prometheus metrics over HTTP on this port (same host); 0 turns them off.
+    metrics_port: int = 0
     reflection: bool = True
     warmup_tokens: int = 2
     log_level: str = "INFO"

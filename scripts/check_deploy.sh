@@ -179,7 +179,9 @@ helm_guards() {
     expect_render_failure "Additional property maxConcurent" \
       --set server.maxConcurent=8 &&
     expect_render_failure 'too_many_pings' \
-      --set envoy.enabled=true --set server.minPingIntervalSeconds=60
+      --set envoy.enabled=true --set server.minPingIntervalSeconds=60 &&
+    expect_render_failure 'needs metrics.enabled' \
+      --set serviceMonitor.enabled=true --set metrics.enabled=false
 }
 
 # --- the rest -----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--max-connection-age": ("120", "max_connection_age_s", 120.0),
     "--max-connection-age-grace": ("15", "max_connection_age_grace_s", 15.0),
     "--compression": ("none", "compression", "none"),
+    "--metrics-port": ("9100", "metrics_port", 9100),
     "--reflection": ("false", "reflection", False),
     "--warmup-tokens": ("3", "warmup_tokens", 3),
     "--log-level": ("DEBUG", "log_level", "DEBUG"),

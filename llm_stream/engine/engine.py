@@ -66,6 +66,8 @@ class FinishedGeneration:
     completion_tokens: int
     duration_s: float
     error: str | None = None
+    # Seconds from the worker's start to its first token (None for batch items).
+    first_token_s: float | None = None
 
 
 class Engine:
@@ -82,6 +84,8 @@ class Engine:
         self.finished: collections.deque[FinishedGeneration] = collections.deque(maxlen=1000)
         self._finish_waiters: dict[str, list[asyncio.Future[FinishedGeneration]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on the event loop with each FinishedGeneration (e.g. metrics).
+        self.finish_listeners: list[Callable[[FinishedGeneration], None]] = []
 
     # -- registry ------------------------------------------------------------
 
@@ -210,7 +214,7 @@ class Engine:
         stop = StopSignal()
         slot = await self._admission.acquire()
         requests = [request for _, request in group]
-        work = self._start(slot, stop, backend.generate_batch, requests, stop)
+        work = self._start(slot, stop, self._batch_worker, backend, requests, stop)
         try:
             return await asyncio.shield(work)
         finally:
@@ -268,25 +272,40 @@ class Engine:
     ) -> None:
         started = time.monotonic()
         tokens = 0
+        first_token_s: float | None = None
 
         def emit(event: TokenEvent) -> bool:
-            nonlocal tokens
+            nonlocal tokens, first_token_s
             tokens += 1
+            if first_token_s is None:
+                first_token_s = time.monotonic() - started
             return channel.put_blocking(event)
 
         try:
             end = backend.stream(request, stop, emit)
         except LLMStreamError as exc:
-            self._record(request, None, tokens, started, str(exc))
+            self._record(request, None, tokens, started, error=str(exc))
             channel.put_blocking(exc)
             return
         except Exception as exc:
             log.exception("generation failed for request %s", request.request_id)
-            self._record(request, None, tokens, started, repr(exc))
+            self._record(request, None, tokens, started, error=repr(exc))
             channel.put_blocking(exc)
             return
-        self._record(request, end.finish_reason, end.completion_tokens, started, None)
+        self._record(
+            request, end.finish_reason, end.completion_tokens, started, first_token_s=first_token_s
+        )
         channel.put_blocking(end)
+
+    def _batch_worker(
+        self, backend: GenerationBackend, requests: list[GenerationRequest], stop: StopSignal
+    ) -> list[Completion | Exception]:
+        started = time.monotonic()
+        results = backend.generate_batch(requests, stop)
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, Completion):
+                self._record(request, result.finish_reason, result.completion_tokens, started)
+        return results
 
     def _record(
         self,
@@ -294,11 +313,19 @@ class Engine:
         reason: FinishReason | None,
         tokens: int,
         started: float,
-        error: str | None,
+        *,
+        error: str | None = None,
+        first_token_s: float | None = None,
     ) -> None:
         elapsed = time.monotonic() - started
         record = FinishedGeneration(
-            request.request_id, request.model_id, reason, tokens, elapsed, error
+            request.request_id,
+            request.model_id or self.default_model_id,
+            reason,
+            tokens,
+            elapsed,
+            error,
+            first_token_s,
         )
         log.info(
             "generation ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s)%s",
@@ -318,6 +345,8 @@ class Engine:
 
     def _on_finished(self, record: FinishedGeneration) -> None:
         self.finished.append(record)
+        for listener in self.finish_listeners:
+            listener(record)
         for waiter in self._finish_waiters.pop(record.request_id, []):
             if not waiter.done():
                 waiter.set_result(record)

@@ -21,6 +21,7 @@ from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.protocol.convert import RequestLimits
 from llm_stream.protocol.health import HealthState
+from llm_stream.protocol.metrics import ServerMetrics
 from llm_stream.protocol.servicer import InferenceServicer
 from llm_stream.settings import Settings
 
@@ -88,6 +89,7 @@ class LLMStreamServer:
             EngineLimits(settings.max_concurrent, settings.max_queue, settings.stream_buffer)
         )
         self.health = HealthState()
+        self.metrics = ServerMetrics(self.engine, self.health)
         compression = grpc.Compression.Gzip if settings.compression == "gzip" else None
         self._server = grpc.aio.server(options=server_options(settings), compression=compression)
         pb_grpc.add_InferenceServiceServicer_to_server(
@@ -96,6 +98,7 @@ class LLMStreamServer:
                 self.health,
                 RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
                 settings.max_batch_size,
+                on_rejected=self.metrics.rejected,
             ),
             self._server,
         )
@@ -105,6 +108,7 @@ class LLMStreamServer:
                 (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
             )
         self.port = 0
+        self.metrics_port = 0
         self.ready: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -114,6 +118,16 @@ class LLMStreamServer:
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self.settings.address}: {exc}") from exc
         await self.health.start()
+        if self.settings.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(
+                    self.settings.host, self.settings.metrics_port
+                )
+            except OSError as exc:
+                await self._server.stop(0)
+                raise OSError(
+                    f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
+                ) from exc
         await self._server.start()
         log.info(
             "listening on %s:%d (health NOT_SERVING until warm-up)", self.settings.host, self.port
@@ -153,4 +167,5 @@ class LLMStreamServer:
         # cancelled handlers set their stop signals, which ends their generations.
         await self._server.stop(grace)
         self.engine.close()
+        self.metrics.close()
         log.info("stopped")

@@ -8,7 +8,7 @@ nothing unexpected leaks a stack trace to the client.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import NoReturn
 
@@ -34,8 +34,14 @@ from llm_stream.protocol.status import status_for
 log = logging.getLogger(__name__)
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request_id: str) -> NoReturn:
+async def _abort(
+    context: grpc.aio.ServicerContext,
+    exc: Exception,
+    request_id: str,
+    on_rejected: Callable[[str], None],
+) -> NoReturn:
     code, message = status_for(exc, request_id)
+    on_rejected(code.name)
     if isinstance(exc, LLMStreamError):
         log.info("request rejected: %s %s", code.name, message)
     else:
@@ -46,8 +52,14 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request_id: 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
-        self, engine: Engine, health: HealthState, limits: RequestLimits, max_batch_size: int
+        self,
+        engine: Engine,
+        health: HealthState,
+        limits: RequestLimits,
+        max_batch_size: int,
+        on_rejected: Callable[[str], None] = lambda _code: None,
     ) -> None:
+        self._on_rejected = on_rejected
         self._engine = engine
         self._health = health
         self._limits = limits
@@ -68,7 +80,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             completion = await self._engine.complete(generation)
             return completion_to_pb(request_id, completion)
         except Exception as exc:
-            await _abort(context, exc, request_id)
+            await _abort(context, exc, request_id, self._on_rejected)
 
     async def StreamPredict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
@@ -85,7 +97,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     else:
                         yield stream_end_to_pb(event)
         except Exception as exc:
-            await _abort(context, exc, request_id)
+            await _abort(context, exc, request_id, self._on_rejected)
 
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
@@ -110,7 +122,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 results=[self._batch_result(i, r) for i, r in zip(ids, results, strict=True)]
             )
         except Exception as exc:
-            await _abort(context, exc, "batch")
+            await _abort(context, exc, "batch", self._on_rejected)
 
     @staticmethod
     def _batch_result(request_id: str, result: Completion | Exception) -> pb.BatchPredictResult:

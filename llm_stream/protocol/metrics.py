@@ -1,0 +1,110 @@
+"""Prometheus metrics on a separate HTTP port (``--metrics-port``; 0 turns it off).
+
+What an autoscaler and an operator need from an LLM server: generations running
+and waiting (scale on these, not CPU), tokens produced, why generations ended,
+time to first token, and rejected requests by status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from llm_stream.engine.engine import Engine, FinishedGeneration
+from llm_stream.protocol.health import HealthState
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine, health: HealthState) -> None:
+        self.registry = CollectorRegistry()
+        running = Gauge(
+            "llm_stream_generations_running",
+            "Generations holding a slot right now (at most --max-concurrent).",
+            registry=self.registry,
+        )
+        running.set_function(lambda: engine.active)
+        waiting = Gauge(
+            "llm_stream_generations_waiting",
+            "Requests queued for a generation slot (at most --max-queue).",
+            registry=self.registry,
+        )
+        waiting.set_function(lambda: engine.waiting)
+        in_flight = Gauge(
+            "llm_stream_requests_in_flight",
+            "Running plus waiting generations: the per-pod load to autoscale on.",
+            registry=self.registry,
+        )
+        in_flight.set_function(lambda: engine.in_flight)
+        ready = Gauge(
+            "llm_stream_ready",
+            "1 while health reports SERVING (warmed up, not draining).",
+            registry=self.registry,
+        )
+        ready.set_function(lambda: 1 if health.serving else 0)
+        self._generations = Counter(
+            "llm_stream_generations",
+            "Generations finished, by model and finish reason ('error' for failures).",
+            ["model", "finish_reason"],
+            registry=self.registry,
+        )
+        self._tokens = Counter(
+            "llm_stream_generated_tokens",
+            "Tokens generated, by model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._first_token = Histogram(
+            "llm_stream_time_to_first_token_seconds",
+            "From the start of a streamed generation to its first token.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "llm_stream_generation_duration_seconds",
+            "Wall time of a generation on its worker.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._rejected = Counter(
+            "llm_stream_rejected_requests",
+            "Requests that ended with an error status, by gRPC code.",
+            ["code"],
+            registry=self.registry,
+        )
+        engine.finish_listeners.append(self.observe)
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe(self, record: FinishedGeneration) -> None:
+        reason = record.finish_reason.value if record.finish_reason else "error"
+        self._generations.labels(record.model_id, reason).inc()
+        self._tokens.labels(record.model_id).inc(record.completion_tokens)
+        self._duration.labels(record.model_id).observe(record.duration_s)
+        if record.first_token_s is not None:
+            self._first_token.labels(record.model_id).observe(record.first_token_s)
+
+    def rejected(self, code_name: str) -> None:
+        self._rejected.labels(code_name).inc()
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port."""
+        address = host.strip("[]") or "::"
+        self._http, self._thread = start_http_server(port, addr=address, registry=self.registry)
+        bound = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
