@@ -11,7 +11,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llm_stream.settings import Settings
 
@@ -31,32 +31,29 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+N = TypeVar("N", int, float)
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+def _ranged(kind: Callable[[str], N], low: N, high: N | None = None) -> Callable[[str], N]:
+    """A number parser that refuses values outside [low, high] with a clear message."""
+
+    def parse(text: str) -> N:
+        value = kind(text)
+        if value < low or (high is not None and value > high):
+            if high is not None:
+                raise argparse.ArgumentTypeError(f"must be {low} to {high}, got {value}")
+            if low == 0:
+                raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+_positive_int = _ranged(int, 1)
+_non_negative_int = _ranged(int, 0)
+_non_negative_float = _ranged(float, 0.0)
+_port = _ranged(int, 0, 65535)
 
 
 def _mebibytes(text: str) -> int:
