@@ -42,6 +42,32 @@ def file_digest(paths: list[Path]) -> str:
     return "sha256-" + digest.hexdigest()[:16]
 
 
+def cached_file_digest(paths: list[Path], cache_dir: Path) -> str:
+    """:func:`file_digest`, remembered per (path, size, mtime) of every file.
+
+    Hashing a 7B model's 15 GB on every start would add tens of seconds to each
+    rollout; the files' stat changes whenever their bytes do.
+    """
+    key = json.dumps(
+        sorted((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    )
+    store = cache_dir / "digests"
+    entry = store / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+    try:
+        saved = json.loads(entry.read_text(encoding="utf-8"))
+        if saved.get("key") == key and isinstance(saved.get("digest"), str):
+            return str(saved["digest"])
+    except (OSError, ValueError):
+        pass
+    digest = file_digest(paths)
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        entry.write_text(json.dumps({"key": key, "digest": digest}), encoding="utf-8")
+    except OSError as exc:  # a read-only cache only costs the hashing next time
+        log.warning("cannot remember the weights digest in %s: %s", store, exc)
+    return digest
+
+
 def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: Path) -> HFBackend:
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
@@ -60,7 +86,8 @@ def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: 
             model, tokenizer = _from_folder(str(folder), dtype)
         elif spec.kind == "directory":
             folder = Path(spec.location)
-            version = file_digest([p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES])
+            weights = [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+            version = cached_file_digest(weights, cache_dir)
             model, tokenizer = _from_folder(spec.location, dtype)
         else:
             model, tokenizer, version = _from_hub(spec, dtype, cache_dir)
@@ -95,7 +122,7 @@ def _from_hub(spec: ModelSpec, dtype: torch.dtype, cache_dir: Path) -> tuple[Any
 
 def _converted_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
     """Return a safetensors folder for ``gguf``, converting it on first use."""
-    version = file_digest([gguf])
+    version = cached_file_digest([gguf], cache_dir)
     target = cache_dir / "converted" / f"{gguf.stem}-{version}"
     marker = target / _MARKER
     if marker.is_file():
