@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_stream.engine.types import GenerationBackend
+from llm_stream.engine.types import FinishReason, GenerationBackend
 from llm_stream.model.backend import HFBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings
@@ -262,3 +262,29 @@ async def test_too_many_requests_is_invalid_argument(tiny_server: RunningServer)
 async def test_empty_batch_is_an_empty_answer(tiny_server: RunningServer) -> None:
     response = await tiny_server.stub.BatchPredict(pb.BatchPredictRequest())
     assert list(response.results) == []
+
+
+async def test_overload_in_one_model_group_stops_the_other_groups(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """A multi-model batch refused for one model must not keep generating for another."""
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        models=(f"a={tiny_model_dir}", f"b={tiny_model_dir}"),
+        max_concurrent=1,
+        max_queue=0,
+    )
+    async with running_server(settings) as running:
+        long_a = with_id(prompt_request("Hello world", max_tokens=3500), "long-a")
+        long_a.model_id = "a"
+        other_b = with_id(prompt_request("Hello world", max_tokens=3500), "other-b")
+        other_b.model_id = "b"
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await running.stub.BatchPredict(batch_of(long_a, other_b))
+        assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        record = await running.server.engine.wait_finished("long-a", 30)
+        assert record.finish_reason is FinishReason.CANCELLED
+        assert record.completion_tokens < 3500
+        response = await running.stub.Predict(prompt_request("again", max_tokens=2))
+        assert response.usage.completion_tokens > 0

@@ -195,9 +195,16 @@ class Engine:
                 results[index] = exc
                 continue
             groups.setdefault(backend.model_id, []).append((index, item))
-        outcomes = await asyncio.gather(
-            *(self._run_batch(model_id, group) for model_id, group in groups.items())
-        )
+        runs = [
+            asyncio.ensure_future(self._run_batch(model_id, group))
+            for model_id, group in groups.items()
+        ]
+        try:
+            outcomes = await asyncio.gather(*runs)
+        except BaseException:
+            for run in runs:  # one group refused (overload) or the client left: stop the rest
+                run.cancel()
+            raise
         latency_ms = (time.monotonic() - started) * 1000
         for group, group_results in zip(groups.values(), outcomes, strict=True):
             for (index, _), result in zip(group, group_results, strict=True):
