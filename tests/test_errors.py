@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -360,6 +361,10 @@ async def test_unexpected_failure_is_internal_without_trace(
             )
         assert_clear(raised.value, grpc.StatusCode.INTERNAL, "server log")
         assert SECRET not in (raised.value.details() or "")
+        # The message names the batch call's id, which the server log carries too.
+        batch_ids = re.findall(r"batch-[0-9a-f]{32}", raised.value.details() or "")
+        assert len(batch_ids) == 1, raised.value.details()
+        assert any(batch_ids[0] in r.getMessage() for r in caplog.records)
 
         # The server log has the details, with the request id.
         logged = [

@@ -8,6 +8,7 @@ nothing unexpected leaks a stack trace to the client.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import NoReturn
@@ -45,7 +46,8 @@ async def _abort(
     if isinstance(exc, LLMStreamError):
         log.info("request rejected: %s %s", code.name, message)
     else:
-        log.error("request failed", exc_info=exc)
+        # The id the client was given, spelled out for whoever greps the log for it.
+        log.error("request %s failed", request_id, exc_info=exc)
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover
 
@@ -102,6 +104,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchPredictResponse:
+        # The call's own id, for its log lines and an internal error's message.
+        batch_id = f"batch-{uuid.uuid4().hex}"
+        request_id_var.set(batch_id)
         try:
             count = len(request.requests)
             if count > self._max_batch_size:
@@ -122,7 +127,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 results=[self._batch_result(i, r) for i, r in zip(ids, results, strict=True)]
             )
         except Exception as exc:
-            await _abort(context, exc, "batch", self._on_rejected)
+            await _abort(context, exc, batch_id, self._on_rejected)
 
     @staticmethod
     def _batch_result(request_id: str, result: Completion | Exception) -> pb.BatchPredictResult:
