@@ -40,16 +40,24 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.__version__.star
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     log "NVIDIA GPU found: installing torch $TORCH_VERSION with CUDA"
     "${pip[@]}" "torch==$TORCH_VERSION"
+  elif [ "$(uname -s)" = Darwin ]; then
+    log "macOS: installing torch $TORCH_VERSION (its wheels have no CUDA)"
+    "${pip[@]}" "torch==$TORCH_VERSION"
   else
+    # The local version +cpu matches only CPU builds: where none is offered, pip
+    # fails with a clear message instead of pulling several GB of CUDA wheels.
+    torch_spec="torch==$TORCH_VERSION+cpu"
     cpu_index=${LLM_STREAM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
     # One quick probe instead of pip retrying an unreachable index for every package.
     if .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=5)' "$cpu_index" 2>/dev/null; then
-      log "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION from $cpu_index"
-      "${pip[@]}" "torch==$TORCH_VERSION" --index-url "$cpu_index" --extra-index-url https://pypi.org/simple
+      log "no NVIDIA GPU: installing $torch_spec from $cpu_index"
+      "${pip[@]}" "$torch_spec" --index-url "$cpu_index" --extra-index-url https://pypi.org/simple
     else
-      log "no NVIDIA GPU and $cpu_index is unreachable: installing torch $TORCH_VERSION from the configured index"
-      log "(pip's find-links or a mirror should offer the CPU build; set LLM_STREAM_TORCH_INDEX to a reachable CPU index otherwise)"
-      "${pip[@]}" "torch==$TORCH_VERSION"
+      log "no NVIDIA GPU and $cpu_index is unreachable: installing $torch_spec from the configured index"
+      "${pip[@]}" "$torch_spec" || {
+        log "no CPU build of torch $TORCH_VERSION found: set LLM_STREAM_TORCH_INDEX to a reachable PyTorch CPU index"
+        exit 1
+      }
     fi
   fi
 fi
