@@ -289,8 +289,8 @@ class Usage(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     completion_tokens: _builtins.int
-    """Generated tokens, one per PredictToken token message; the
-    end-of-sequence token is not counted.
+    """Generated tokens, one per PredictToken token message, the
+    end-of-sequence token included (its message carries no text).
     """
     def __init__(
         self,
