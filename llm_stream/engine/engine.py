@@ -156,8 +156,6 @@ class Engine:
 
     async def complete(self, request: GenerationRequest) -> Completion:
         started = time.monotonic()
-        self.check_accepting()
-        backend = self.backend_for(request.model_id)
         parts: list[str] = []
         end: StreamEnd | None = None
         async with aclosing(self.stream(request)) as events:
@@ -172,7 +170,8 @@ class Engine:
             finish_reason=end.finish_reason,
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
-            model_version=backend.version,
+            # stream() has checked readiness and resolved the model already.
+            model_version=self.backend_for(request.model_id).version,
             latency_ms=(time.monotonic() - started) * 1000,
         )
 
