@@ -71,7 +71,11 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--dtype", str, "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"),
     ("--cache-dir", Path, "where converted models are cached"),
     ("--max-concurrent", _positive_int, "generations running at once"),
-    ("--max-queue", int, "requests allowed to wait for a slot; beyond: RESOURCE_EXHAUSTED"),
+    (
+        "--max-queue",
+        _non_negative_int,
+        "requests allowed to wait for a slot; beyond: RESOURCE_EXHAUSTED",
+    ),
     ("--max-batch-size", _positive_int, "most requests in one BatchPredict"),
     ("--default-max-tokens", _positive_int, "max_tokens when a request sends 0"),
     ("--max-tokens-cap", _positive_int, "largest max_tokens a request may ask for"),
@@ -187,8 +191,6 @@ def parse_settings(
     compression = settings.compression.lower()
     if compression not in {"gzip", "none"}:
         parser.error(f"--compression must be gzip or none, got {compression!r}")
-    if settings.max_queue < 0:
-        parser.error("--max-queue must not be negative")
     if settings.default_max_tokens > settings.max_tokens_cap:
         parser.error("--default-max-tokens must not exceed --max-tokens-cap")
     return dataclasses.replace(settings, compression=compression)
