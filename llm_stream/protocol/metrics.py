@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -24,30 +25,26 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 class ServerMetrics:
     def __init__(self, engine: Engine, health: HealthState) -> None:
         self.registry = CollectorRegistry()
-        running = Gauge(
+        self._gauge(
             "llm_stream_generations_running",
             "Generations holding a slot right now (at most --max-concurrent).",
-            registry=self.registry,
+            lambda: engine.active,
         )
-        running.set_function(lambda: engine.active)
-        waiting = Gauge(
+        self._gauge(
             "llm_stream_generations_waiting",
             "Requests queued for a generation slot (at most --max-queue).",
-            registry=self.registry,
+            lambda: engine.waiting,
         )
-        waiting.set_function(lambda: engine.waiting)
-        in_flight = Gauge(
+        self._gauge(
             "llm_stream_requests_in_flight",
             "Running plus waiting generations: the per-pod load to autoscale on.",
-            registry=self.registry,
+            lambda: engine.in_flight,
         )
-        in_flight.set_function(lambda: engine.in_flight)
-        ready = Gauge(
+        self._gauge(
             "llm_stream_ready",
             "1 while health reports SERVING (warmed up, not draining).",
-            registry=self.registry,
+            lambda: 1 if health.serving else 0,
         )
-        ready.set_function(lambda: 1 if health.serving else 0)
         self._generations = Counter(
             "llm_stream_generations",
             "Generations finished, by model and finish reason ('error' for failures).",
@@ -83,6 +80,10 @@ class ServerMetrics:
         engine.finish_listeners.append(self.observe)
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def _gauge(self, name: str, text: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read from the server at scrape time."""
+        Gauge(name, text, registry=self.registry).set_function(read)
 
     def observe(self, record: FinishedGeneration) -> None:
         reason = record.finish_reason.value if record.finish_reason else "error"
