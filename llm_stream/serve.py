@@ -11,10 +11,11 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from llm_stream.app import LLMStreamServer
 from llm_stream.cli import parse_settings
 from llm_stream.errors import ModelLoadError
 from llm_stream.logging_setup import configure_logging
-from llm_stream.protocol.server import LLMStreamServer
+from llm_stream.runtime import prefer_passive_openmp
 from llm_stream.settings import Settings
 
 log = logging.getLogger("llm_stream.serve")
@@ -53,6 +54,7 @@ async def run(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    prefer_passive_openmp()
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     try:

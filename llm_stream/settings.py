@@ -30,14 +30,17 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     cache_dir: Path = field(default_factory=default_cache_dir)
-    # Admission: generations running at once, and requests allowed to wait.
-    max_concurrent: int = 4
-    max_queue: int = 32
+    # Continuous batching, per model: sequences in the batch at once, the
+    # batch's token budget (prompt + max_tokens over its sequences), requests
+    # allowed to wait beyond the free rows, and prompt tokens fed per step
+    # while other sequences decode.
+    max_concurrent: int = 64
+    max_batch_tokens: int = 65536
+    max_queue: int = 256
+    prefill_chunk: int = 256
     max_batch_size: int = 32
     default_max_tokens: int = 256
     max_tokens_cap: int = 2048
-    # Token events buffered per stream before the model waits for the client.
-    stream_buffer: int = 64
     drain_grace_s: float = 30.0
     max_message_bytes: int = 100 * 1024 * 1024
     keepalive_time_s: float = 30.0

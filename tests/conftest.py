@@ -14,10 +14,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llm_stream.engine.types import GenerationBackend
+from llm_stream.app import LLMStreamServer, load_configured_models
+from llm_stream.engine.types import ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
-from llm_stream.protocol.server import LLMStreamServer, load_configured_models
 from llm_stream.settings import Settings
 from tests.tiny_model import build_tiny_model
 
@@ -62,7 +62,7 @@ async def running_server(
     settings: Settings,
     *,
     wait_ready: bool = True,
-    load_models: Callable[[Settings], Sequence[GenerationBackend]] = load_configured_models,
+    load_models: Callable[[Settings], Sequence[ModelBackend]] = load_configured_models,
     channel_options: Sequence[tuple[str, Any]] = (),
     compression: grpc.Compression | None = None,
 ) -> AsyncIterator[RunningServer]:

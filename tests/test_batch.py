@@ -1,19 +1,16 @@
-"""BatchPredict: one padded generate call, results in request order, per-item errors."""
+"""BatchPredict: items join one batch together, results in request order, per-item errors."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_stream.engine.types import FinishReason, GenerationBackend
-from llm_stream.model.backend import HFBackend
+from llm_stream.app import load_configured_models
+from llm_stream.engine.types import FinishReason, ModelBackend, PrefillChunk, StepRunner
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings
 from tests.conftest import (
@@ -23,6 +20,7 @@ from tests.conftest import (
     running_server,
     tiny_settings,
 )
+from tests.wrapped_backend import RunnerWrapper, WrappedBackend, slow_models
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
@@ -41,72 +39,82 @@ def with_id(
 
 
 @dataclasses.dataclass
-class GenerateCall:
-    rows: int
-    padded_rows: int
+class StepCounts:
+    # Per prefill call, the sequences it fed; and the number of decode steps.
+    prefills: list[int] = dataclasses.field(default_factory=list)
+    decodes: int = 0
+
+
+class CountingRunner(RunnerWrapper):
+    def __init__(self, inner: StepRunner, counts: StepCounts) -> None:
+        super().__init__(inner)
+        self.counts = counts
+
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
+        self.counts.prefills.append(len(chunks))
+        return self.inner.prefill(chunks)
+
+    def decode(self) -> list[tuple[int, int]]:
+        self.counts.decodes += 1
+        return self.inner.decode()
 
 
 @pytest.fixture(scope="module")
 async def counted_server(
     tiny_model_dir: Path, cache_dir: Path
-) -> AsyncIterator[tuple[RunningServer, list[GenerateCall]]]:
-    """The real tiny model, with every ``model.generate`` call recorded."""
-    calls: list[GenerateCall] = []
+) -> AsyncIterator[tuple[RunningServer, StepCounts]]:
+    """The real tiny model, with every prefill and decode step counted."""
+    counts = StepCounts()
 
-    def load(settings: Settings) -> list[GenerationBackend]:
-        tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
-        real_generate: Callable[..., Any] = model.generate
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            mask = kwargs["attention_mask"]
-            padded = int((mask[:, 0] == 0).sum())  # left padding: zeros come first
-            calls.append(GenerateCall(rows=int(mask.shape[0]), padded_rows=padded))
-            return real_generate(*args, **kwargs)
-
-        model.generate = generate
-        return [HFBackend("tiny", model, tokenizer, "counted-v1", torch.device("cpu"))]
+    def load(settings: Settings) -> list[ModelBackend]:
+        return [
+            WrappedBackend(backend, lambda runner: CountingRunner(runner, counts))
+            for backend in load_configured_models(settings)
+        ]
 
     settings = tiny_settings(tiny_model_dir, cache_dir, max_batch_size=8)
     async with running_server(settings, load_models=load) as running:
-        yield running, calls
+        yield running, counts
 
 
-async def test_batch_is_one_padded_generate_call(
-    counted_server: tuple[RunningServer, list[GenerateCall]],
+async def test_batch_items_share_prefill_and_decode_steps(
+    counted_server: tuple[RunningServer, StepCounts],
 ) -> None:
-    running, calls = counted_server
+    running, counts = counted_server
     prompts = ["Hello world", "The quick brown fox jumps over the lazy dog.", "日本語", "a"]
     ids = [f"row-{i}" for i in range(len(prompts))]
-    calls.clear()
+    tokens = 6
     finished_before = len(running.server.engine.finished)
+    counts.prefills.clear()
+    counts.decodes = 0
     response = await running.stub.BatchPredict(
         batch_of(
             *(
-                with_id(prompt_request(p, max_tokens=6), i)
+                with_id(prompt_request(p, max_tokens=tokens), i)
                 for p, i in zip(prompts, ids, strict=True)
             )
         )
     )
     assert [r.response.request_id for r in response.results] == ids
-    assert calls == [GenerateCall(rows=4, padded_rows=3)]  # one call, left-padded rows
-    # Each row is recorded once, by the batch worker: none went through the
-    # per-request streaming path (whose records carry a time to first token).
+    # All four join the batch together: one prefill step, then shared decode steps
+    # (at most max_tokens - 1 of them, where one at a time would take four times that).
+    assert counts.prefills == [4]
+    assert counts.decodes <= tokens - 1
     finished = list(running.server.engine.finished)[finished_before:]
     rows = [f for f in finished if f.request_id in ids]
     assert sorted(f.request_id for f in rows) == ids
-    assert all(f.first_token_s is None and f.completion_tokens > 0 for f in rows)
+    assert all(f.first_token_s is not None and f.completion_tokens > 0 for f in rows)
 
-    calls.clear()
+    counts.prefills.clear()
     await running.stub.Predict(prompt_request("Hello world", max_tokens=2))
-    assert calls == [GenerateCall(rows=1, padded_rows=0)]  # the counter sees Predict too
+    assert counts.prefills == [1]  # Predict goes through the same scheduler
 
 
 async def test_batch_groups_per_model_and_leaves_bad_items_out(
-    counted_server: tuple[RunningServer, list[GenerateCall]],
+    counted_server: tuple[RunningServer, StepCounts],
 ) -> None:
-    running, calls = counted_server
-    calls.clear()
+    running, counts = counted_server
+    counts.prefills.clear()
     response = await running.stub.BatchPredict(
         batch_of(
             prompt_request("one", max_tokens=3),
@@ -117,7 +125,7 @@ async def test_batch_groups_per_model_and_leaves_bad_items_out(
     )
     outcomes = [r.WhichOneof("outcome") for r in response.results]
     assert outcomes == ["response", "error", "error", "response"]
-    assert calls == [GenerateCall(rows=2, padded_rows=calls[0].padded_rows)]
+    assert counts.prefills == [2]  # the bad items never reach the model
 
 
 async def test_batch_rows_equal_predict_for_identical_prompts(tiny_server: RunningServer) -> None:
@@ -275,16 +283,18 @@ async def test_overload_in_one_model_group_stops_the_other_groups(
         max_concurrent=1,
         max_queue=0,
     )
-    async with running_server(settings) as running:
-        long_a = with_id(prompt_request("Hello world", max_tokens=3500), "long-a")
-        long_a.model_id = "a"
-        other_b = with_id(prompt_request("Hello world", max_tokens=3500), "other-b")
-        other_b.model_id = "b"
+    async with running_server(settings, load_models=slow_models(0.01)) as running:
+        other_b = with_id(prompt_request("Hello world", max_tokens=3500), "other-b", "b")
+        long_a = with_id(prompt_request("Hello world", max_tokens=3500), "long-a", "a")
+        second_a = with_id(prompt_request("Hello world", max_tokens=3500), "second-a", "a")
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await running.stub.BatchPredict(batch_of(long_a, other_b))
+            await running.stub.BatchPredict(batch_of(other_b, long_a, second_a))
         assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        record = await running.server.engine.wait_finished("long-a", 30)
+        record = await running.server.engine.wait_finished("other-b", 30)
         assert record.finish_reason is FinishReason.CANCELLED
         assert record.completion_tokens < 3500
+        assert all(
+            r.request_id not in {"long-a", "second-a"} for r in running.server.engine.finished
+        )
         response = await running.stub.Predict(prompt_request("again", max_tokens=2))
         assert response.usage.completion_tokens > 0

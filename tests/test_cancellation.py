@@ -7,7 +7,6 @@ CANCELLED after far fewer tokens than max_tokens, and its slot is free again.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,25 +14,18 @@ import grpc
 import pytest
 
 from llm_stream.engine.engine import FinishedGeneration
-from llm_stream.engine.types import (
-    FinishReason,
-    GenerationRequest,
-    SamplingParams,
-    StopSignal,
-    TokenEvent,
-)
-from llm_stream.model.loader import load_backend
-from llm_stream.model.sources import parse_model_spec
+from llm_stream.engine.types import FinishReason
 from tests.conftest import RunningServer, prompt_request, running_server, tiny_settings
+from tests.wrapped_backend import slow_models
 
 MAX_TOKENS = 3500
 
 
 @pytest.fixture
 async def one_slot_server(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[RunningServer]:
-    """One generation at a time and a tiny stream buffer, so a lagging reader throttles."""
-    settings = tiny_settings(tiny_model_dir, cache_dir, max_concurrent=1, stream_buffer=2)
-    async with running_server(settings) as running:
+    """One batch row, and a model slow enough that a long generation is still running."""
+    settings = tiny_settings(tiny_model_dir, cache_dir, max_concurrent=1)
+    async with running_server(settings, load_models=slow_models(0.005)) as running:
         yield running
 
 
@@ -84,8 +76,8 @@ async def test_stream_deadline_stops_generation(one_slot_server: RunningServer) 
         async for _ in call:
             await asyncio.sleep(0.05)  # a slow reader
     assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    # HTTP/2 flow control lets the model run ahead of a slow reader by a window of
-    # messages, so the bound is "stopped at the deadline", far short of max_tokens.
+    # A slow reader never slows the batch, so the row decodes until the deadline
+    # cancels it: "stopped at the deadline", far short of max_tokens.
     assert_stopped_early(await finished(one_slot_server, "stream-deadline"), MAX_TOKENS // 2)
     await assert_model_free(one_slot_server)
 
@@ -126,27 +118,35 @@ async def test_request_cancelled_while_queued_leaves_the_queue(
     holder.cancel()
     assert_stopped_early(await finished(one_slot_server, "holder"), MAX_TOKENS // 2)
     await assert_model_free(one_slot_server)
-    assert all(record.request_id != "queued" for record in engine.finished)
+    # It never reached the model: recorded as cancelled, with no token.
+    record = await finished(one_slot_server, "queued")
+    assert record.finish_reason is FinishReason.CANCELLED
+    assert record.completion_tokens == 0 and record.first_token_s is None
 
 
-def test_backend_stops_within_one_decode_step(tiny_model_dir: Path, cache_dir: Path) -> None:
-    """The stop signal is read by generate every step: no token after the stop."""
-    backend = load_backend(parse_model_spec(f"tiny={tiny_model_dir}"), "cpu", "auto", cache_dir)
-    stop = StopSignal()
-    seen: list[TokenEvent] = []
-    stop_after = 5
-
-    def emit(event: TokenEvent) -> bool:
-        seen.append(event)
-        if len(seen) == stop_after:
-            threading.Thread(target=stop.set).start()  # another thread, like a cancel
-            return False
-        return True
-
-    request = GenerationRequest(
-        "direct", "tiny", "Hello world", SamplingParams(max_tokens=MAX_TOKENS)
-    )
-    end = backend.stream(request, stop, emit)
-    assert end.finish_reason is FinishReason.CANCELLED
-    assert end.completion_tokens == stop_after
-    assert len(seen) == stop_after
+async def test_cancelled_row_leaves_within_one_step_and_others_go_on(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """One of several running streams is cancelled: its row is gone by the next step."""
+    settings = tiny_settings(tiny_model_dir, cache_dir)
+    async with running_server(settings, load_models=slow_models(0.02)) as running:
+        calls = {}
+        for name in ("keep-1", "victim", "keep-2"):
+            request = prompt_request("Hello world", max_tokens=40)
+            request.request_id = name
+            calls[name] = running.stub.StreamPredict(request)
+        for call in calls.values():
+            await call.read()
+        calls["victim"].cancel()
+        record = await finished(running, "victim")
+        assert record.finish_reason is FinishReason.CANCELLED
+        assert record.steps_after_cancel is not None and record.steps_after_cancel <= 1
+        for name in ("keep-1", "keep-2"):
+            tokens = []
+            while (token := await calls[name].read()) is not grpc.aio.EOF:
+                tokens.append(token)
+            assert tokens[-1].is_final
+            kept = await finished(running, name)
+            assert kept.finish_reason is not FinishReason.CANCELLED
+            assert kept.completion_tokens == tokens[-1].usage.completion_tokens
+        assert record.completion_tokens < 40

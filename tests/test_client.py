@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llm_stream.app import load_configured_models
 from llm_stream.client import InferenceClient, channel_target, make_request
-from llm_stream.engine.types import FinishReason, GenerationBackend
+from llm_stream.engine.types import FinishReason, ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.protocol.server import load_configured_models
 from llm_stream.settings import Settings
 from tests.conftest import RunningServer, running_server, tiny_settings
 
@@ -200,7 +200,7 @@ async def test_client_retries_while_the_server_warms_up(
 ) -> None:
     gate = threading.Event()
 
-    def slow_load(settings: Settings) -> Sequence[GenerationBackend]:
+    def slow_load(settings: Settings) -> Sequence[ModelBackend]:
         if not gate.wait(HANG_GUARD_S):
             raise TimeoutError("the test never released the model load")
         return load_configured_models(settings)

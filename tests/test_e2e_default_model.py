@@ -37,7 +37,7 @@ def model_cache_dir() -> Path:
 
 @pytest.fixture(scope="module")
 async def default_server() -> AsyncIterator[RunningServer]:
-    settings = Settings(host="127.0.0.1", port=0, cache_dir=model_cache_dir(), max_concurrent=2)
+    settings = Settings(host="127.0.0.1", port=0, cache_dir=model_cache_dir())
     async with running_server(settings) as running:
         yield running
 
@@ -79,6 +79,35 @@ async def test_stream_equals_predict(
     if multibyte:
         assert any(len(ch.encode()) > 2 for ch in unary.text), unary.text
     assert "\ufffd" not in unary.text
+
+
+BUSY_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three colours of the rainbow, separated by commas.",
+    "Explain in two sentences why the sky is blue, as if to a child of ten years old.",
+]
+
+
+async def test_output_in_a_busy_batch_equals_output_alone(default_server: RunningServer) -> None:
+    """Left padding, masks and positions never change a row: greedy text and seeded
+    samples are the same alone and among other rows that join and leave mid-way."""
+    greedy = [prompt_request(p, max_tokens=32) for p in BUSY_PROMPTS]
+    seeded = prompt_request("Tell me a joke.", max_tokens=24, temperature=0.8, top_p=0.9, seed=7)
+    alone = [(await default_server.stub.Predict(r)).text for r in [*greedy, seeded]]
+
+    async def late(request: pb.PredictRequest, delay: float) -> str:
+        await asyncio.sleep(delay)  # joins while the others decode
+        return (await default_server.stub.Predict(request)).text
+
+    noise = [
+        prompt_request("Count from one to twenty.", max_tokens=8),  # leaves early
+        prompt_request("Describe a forest.", max_tokens=40, temperature=1.0, top_k=20),
+    ]
+    noisy = [default_server.stub.Predict(r) for r in noise]
+    together = await asyncio.gather(*(late(r, 0.3 * i) for i, r in enumerate([*greedy, seeded])))
+    await asyncio.gather(*noisy)
+    assert together == alone
 
 
 async def test_cancel_stops_the_real_model(default_server: RunningServer) -> None:

@@ -13,25 +13,17 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
 import grpc
 import pytest
 
-from llm_stream.engine.types import (
-    Completion,
-    EmitFn,
-    GenerationBackend,
-    GenerationRequest,
-    StopSignal,
-    StreamEnd,
-    TokenEvent,
-)
+from llm_stream.app import load_configured_models
+from llm_stream.engine.types import ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
-from llm_stream.protocol.server import load_configured_models
 from llm_stream.settings import Settings
 from tests.conftest import (
     RunningServer,
@@ -40,6 +32,7 @@ from tests.conftest import (
     running_server,
     tiny_settings,
 )
+from tests.wrapped_backend import slow_models
 
 pytestmark = pytest.mark.deploy
 
@@ -184,7 +177,7 @@ async def test_warming_replica_gets_no_traffic(
 ) -> None:
     release = threading.Event()
 
-    def load_when_released(settings: Settings) -> Sequence[GenerationBackend]:
+    def load_when_released(settings: Settings) -> Sequence[ModelBackend]:
         release.wait(timeout=60)
         return load_configured_models(settings)
 
@@ -209,34 +202,6 @@ async def test_warming_replica_gets_no_traffic(
         # Once warm it joins the rotation (the first few RPCs may still see the old
         # host set while Envoy's workers catch up with the health verdict).
         assert served(cold, "late-") >= SPREAD_RPCS // 5
-
-
-class SlowBackend:
-    """The tiny model paced like a busy GPU: every token takes ``delay`` seconds."""
-
-    def __init__(self, inner: GenerationBackend, delay: float) -> None:
-        self._inner = inner
-        self._delay = delay
-        self.model_id, self.version, self.device = inner.model_id, inner.version, inner.device
-
-    def stream(self, request: GenerationRequest, stop: StopSignal, emit: EmitFn) -> StreamEnd:
-        def paced(event: TokenEvent) -> bool:
-            stop.event.wait(self._delay)
-            return emit(event)
-
-        return self._inner.stream(request, stop, paced)
-
-    def generate_batch(
-        self, requests: Sequence[GenerationRequest], stop: StopSignal
-    ) -> list[Completion | Exception]:
-        return self._inner.generate_batch(requests, stop)
-
-
-def slow_models(delay: float) -> Callable[[Settings], Sequence[GenerationBackend]]:
-    def load(settings: Settings) -> Sequence[GenerationBackend]:
-        return [SlowBackend(b, delay) for b in load_configured_models(settings)]
-
-    return load
 
 
 async def test_stream_longer_than_default_timeouts_passes_whole(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from llm_stream.engine.types import (
-    Completion,
-    EmitFn,
-    GenerationBackend,
-    GenerationRequest,
-    StopSignal,
-    StreamEnd,
-)
+from llm_stream.app import load_configured_models
+from llm_stream.engine.types import ModelBackend, PrefillChunk
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
-from llm_stream.protocol.server import load_configured_models
 from llm_stream.settings import Settings
 from tests.conftest import (
     RunningServer,
@@ -38,6 +30,7 @@ from tests.conftest import (
     tiny_settings,
 )
 from tests.tiny_model import build_tiny_model
+from tests.wrapped_backend import RunnerWrapper, WrappedBackend, slow_models
 
 # A client that does not read makes the server wait: without BDP probing its
 # receive window stays tiny, so a long stream holds its generation slot.
@@ -280,10 +273,10 @@ async def test_overload_is_resource_exhausted_at_once(
     tiny_model_dir: Path, cache_dir: Path
 ) -> None:
     settings = tiny_settings(tiny_model_dir, cache_dir, max_concurrent=1, max_queue=1)
-    async with running_server(settings, channel_options=THROTTLED_CHANNEL) as running:
+    async with running_server(settings, load_models=slow_models(0.01)) as running:
         stub = running.stub
         holder = stub.StreamPredict(prompt_request("hold the slot", max_tokens=LONG))
-        await holder.read()  # running, and not read further: the slot stays taken
+        await holder.read()  # decoding for 35 s: the only batch row stays taken
         queued = asyncio.ensure_future(stub.Predict(prompt_request("queued", max_tokens=3)))
         await wait_in_flight(running, 2)
 
@@ -315,30 +308,17 @@ BUG_PROMPT = "trigger the simulated bug"
 SECRET = "tensor on fire at 0xdeadbeef"
 
 
-class BuggyBackend:
-    """A real backend that hits an unexpected exception for one prompt."""
+class BuggyRunner(RunnerWrapper):
+    """A real runner whose prefill hits an unexpected exception for one prompt."""
 
-    def __init__(self, real: GenerationBackend) -> None:
-        self._real = real
-        self.model_id = real.model_id
-        self.version = real.version
-        self.device = real.device
-
-    def stream(self, request: GenerationRequest, stop: StopSignal, emit: EmitFn) -> StreamEnd:
-        if request.prompt == BUG_PROMPT:
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
+        if any(chunk.prepared.request.prompt == BUG_PROMPT for chunk in chunks):
             raise RuntimeError(SECRET)
-        return self._real.stream(request, stop, emit)
-
-    def generate_batch(
-        self, requests: Sequence[GenerationRequest], stop: StopSignal
-    ) -> list[Completion | Exception]:
-        if any(r.prompt == BUG_PROMPT for r in requests):
-            raise RuntimeError(SECRET)
-        return self._real.generate_batch(requests, stop)
+        return self.inner.prefill(chunks)
 
 
-def load_buggy(settings: Settings) -> list[GenerationBackend]:
-    return [BuggyBackend(backend) for backend in load_configured_models(settings)]
+def load_buggy(settings: Settings) -> list[ModelBackend]:
+    return [WrappedBackend(backend, BuggyRunner) for backend in load_configured_models(settings)]
 
 
 async def test_unexpected_failure_is_internal_without_trace(
@@ -354,17 +334,16 @@ async def test_unexpected_failure_is_internal_without_trace(
             assert SECRET not in (error.details() or "")
             assert "RuntimeError" not in (error.details() or "")
 
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await running.stub.BatchPredict(
-                pb.BatchPredictRequest(requests=[prompt_request(BUG_PROMPT, max_tokens=2)]),
-                timeout=30,
-            )
-        assert_clear(raised.value, grpc.StatusCode.INTERNAL, "server log")
-        assert SECRET not in (raised.value.details() or "")
-        # The message names the batch call's id, which the server log carries too.
-        batch_ids = re.findall(r"batch-[0-9a-f]{32}", raised.value.details() or "")
-        assert len(batch_ids) == 1, raised.value.details()
-        assert any(batch_ids[0] in r.getMessage() for r in caplog.records)
+        # In BatchPredict the failure is that item's own result; the call succeeds.
+        buggy_item = prompt_request(BUG_PROMPT, max_tokens=2)
+        buggy_item.request_id = "bug-item"
+        batch = await running.stub.BatchPredict(
+            pb.BatchPredictRequest(requests=[buggy_item]), timeout=30
+        )
+        item_error = batch.results[0].error
+        assert item_error.code == grpc.StatusCode.INTERNAL.value[0]
+        assert "bug-item" in item_error.message and "server log" in item_error.message
+        assert SECRET not in item_error.message and "RuntimeError" not in item_error.message
 
         # The server log has the details, with the request id.
         logged = [
@@ -373,6 +352,7 @@ async def test_unexpected_failure_is_internal_without_trace(
             if r.exc_info and r.exc_info[1] is not None and SECRET in str(r.exc_info[1])
         ]
         assert any("bug-Predict" in message for message in logged), logged
+        assert any("bug-item" in message for message in logged), logged
 
         # And it keeps serving, on every RPC.
         good = await running.stub.Predict(prompt_request("Hello world", max_tokens=4), timeout=30)

@@ -15,11 +15,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llm_stream.engine.types import FinishReason, GenerationBackend
+from llm_stream.app import load_configured_models
+from llm_stream.engine.types import FinishReason, ModelBackend
 from llm_stream.errors import ModelLoadError
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
-from llm_stream.protocol.server import load_configured_models
 from llm_stream.settings import Settings
 from tests.conftest import (
     RunningServer,
@@ -29,6 +29,7 @@ from tests.conftest import (
     running_server,
     tiny_settings,
 )
+from tests.wrapped_backend import slow_models
 
 SERVICES = ("", "inference.v1.InferenceService", "InferenceService")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -114,7 +115,7 @@ async def test_not_serving_until_loaded_and_warmed_up(
 ) -> None:
     gate = threading.Event()
 
-    def slow_load(settings: Settings) -> Sequence[GenerationBackend]:
+    def slow_load(settings: Settings) -> Sequence[ModelBackend]:
         if not gate.wait(HANG_GUARD_S):
             raise TimeoutError("the test never released the model load")
         return load_configured_models(settings)
@@ -161,8 +162,9 @@ async def test_failed_load_stays_not_serving(tiny_model_dir: Path, cache_dir: Pa
 
 @pytest.fixture
 async def throttled_server(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[RunningServer]:
-    settings = tiny_settings(tiny_model_dir, cache_dir, stream_buffer=2)
-    async with running_server(settings, channel_options=THROTTLED_CHANNEL) as running:
+    """A model paced at 10 ms a step, so a long generation is still running at drain."""
+    settings = tiny_settings(tiny_model_dir, cache_dir)
+    async with running_server(settings, load_models=slow_models(0.01)) as running:
         yield running
 
 
@@ -175,7 +177,7 @@ async def test_drain_flips_health_first_and_finishes_in_flight_stream(
     stream = running.stub.StreamPredict(request)
     first = await stream.read()
     assert first.token_index == 0
-    assert running.server.engine.in_flight == 1  # held back by the unread stream
+    assert running.server.engine.in_flight == 1  # still generating: 400 steps take 4 s
 
     watcher = Watcher(running.health, "")
     assert await watcher.next_status() == SERVING
@@ -253,7 +255,7 @@ async def test_sigterm_drains_then_exits_zero(tiny_model_dir: Path, cache_dir: P
     port = free_port()
     args = ("--model", f"tiny={tiny_model_dir}", "--host", "127.0.0.1", "--port", str(port))
     # The grace is a bound, not a wait: drain ends as soon as the stream has finished.
-    args += ("--cache-dir", str(cache_dir), "--drain-grace", "20", "--stream-buffer", "2")
+    args += ("--cache-dir", str(cache_dir), "--drain-grace", "20", "--max-tokens-cap", "4000")
     async with serve_process(*args) as (process, lines):
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=list(THROTTLED_CHANNEL))
         try:
@@ -262,14 +264,15 @@ async def test_sigterm_drains_then_exits_zero(tiny_model_dir: Path, cache_dir: P
             await watcher.until(SERVING)  # the model loads in the child process
 
             stub = pb_grpc.InferenceServiceStub(channel)
-            stream = stub.StreamPredict(prompt_request("Hello world", max_tokens=300))
+            # Long enough (seconds, even on the tiny model) to be in flight at SIGTERM.
+            stream = stub.StreamPredict(prompt_request("Hello world", max_tokens=2000))
             assert (await stream.read()).token_index == 0
             process.send_signal(signal.SIGTERM)
             await watcher.until(NOT_SERVING)  # health flips first, while draining
             watcher.call.cancel()
             rest = await read_rest(stream)  # the stream still finishes whole
             assert rest[-1].is_final
-            assert rest[-1].usage.completion_tokens == 300
+            assert rest[-1].usage.completion_tokens == 2000
             assert await asyncio.wait_for(process.wait(), HANG_GUARD_S) == 0
         finally:
             await channel.close()

@@ -42,18 +42,24 @@ async def test_metrics_follow_the_traffic(tiny_model_dir: Path, cache_dir: Path)
 
         # Records are published before the final message or batch response is sent.
         after = await asyncio.to_thread(scrape, port)
+
+        def grew(name: str, labels: tuple[tuple[str, str], ...]) -> float:
+            return after[(name, labels)] - before.get((name, labels), 0.0)
+
         model = (("model", "tiny"),)
         finals = [tokens[-1]] + [r.response for r in batch.results]
-        assert after[("llm_stream_generated_tokens_total", model)] == sum(
-            f.usage.completion_tokens for f in finals
-        )
+        generated = sum(f.usage.completion_tokens for f in finals)
+        assert grew("llm_stream_generated_tokens_total", model) == generated
         for reason in {f.finish_reason for f in finals}:
             name = pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
             labels = (("finish_reason", name), ("model", "tiny"))
             expected = sum(f.finish_reason == reason for f in finals)
-            assert after[("llm_stream_generations_total", labels)] == expected
-        assert after[("llm_stream_time_to_first_token_seconds_count", model)] == 1
-        assert after[("llm_stream_generation_duration_seconds_count", model)] == 3
+            assert grew("llm_stream_generations_total", labels) == expected
+        assert grew("llm_stream_time_to_first_token_seconds_count", model) == 3
+        # Every token after a sequence's first is one inter-token gap.
+        assert grew("llm_stream_inter_token_latency_seconds_count", model) == generated - 3
+        assert grew("llm_stream_batch_rows_count", model) > 0
+        assert grew("llm_stream_generation_duration_seconds_count", model) == 3
         assert after[("llm_stream_rejected_requests_total", (("code", "INVALID_ARGUMENT"),))] == 1
 
         await running.server.drain(grace_s=0)

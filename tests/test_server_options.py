@@ -296,7 +296,7 @@ EAGER_PINGS: tuple[tuple[str, Any], ...] = (
 
 @pytest.fixture
 async def eager_ping_server(tiny_model_dir: Path, cache_dir: Path) -> AsyncIterator[RunningServer]:
-    settings = tiny_settings(tiny_model_dir, cache_dir, stream_buffer=2)
+    settings = tiny_settings(tiny_model_dir, cache_dir)
     options = THROTTLED_CHANNEL + EAGER_PINGS
     async with running_server(settings, channel_options=options) as running:
         yield running
@@ -319,7 +319,7 @@ async def test_ping_strikes_when_enabled_do_send_goaway(
     tiny_model_dir: Path, cache_dir: Path
 ) -> None:
     """--max-ping-strikes is live: an operator who enables it gets grpc's enforcement."""
-    settings = tiny_settings(tiny_model_dir, cache_dir, stream_buffer=2, max_ping_strikes=1)
+    settings = tiny_settings(tiny_model_dir, cache_dir, max_ping_strikes=1)
     options = THROTTLED_CHANNEL + EAGER_PINGS
     async with running_server(settings, channel_options=options) as running:
         stream = running.stub.StreamPredict(prompt_request("Hello world", max_tokens=500))

@@ -1,46 +1,44 @@
-"""The per-request streaming engine.
+"""The engine: requests in, async streams of token events out, one batch per model.
 
-Each generation runs ``generate`` on a worker thread of its own; token events
-come back through a bounded channel. Leaving the stream for any reason (client
-cancel, disconnect, deadline, drain) sets the request's stop signal, which the
-model checks every decode step, so the model is freed, not merely the ``yield``s.
-A generation slot is released when the worker actually ends, so admission
-counts what the model is really doing.
+A request is prepared first (chat template, tokenizer, context check) on a
+small thread pool, so a bad request fails before it holds anything. It then
+becomes a :class:`Sequence` in its model's :class:`Scheduler`, whose thread runs
+the continuous batch. The scheduler hands each step's events to the event loop
+in one call; they land in the stream's own queue, which never blocks the batch:
+a slow reader's events wait there (a stream holds at most ``max_tokens`` small
+events), and its row goes on decoding. Leaving the stream for any reason
+(cancel, disconnect, deadline, drain) cancels the sequence, and its row is freed
+before the next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
+from collections.abc import Sequence as Items
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, TypeVar
 
-from llm_stream.engine.admission import AdmissionController, Slot
-from llm_stream.engine.channel import ThreadToLoopChannel
+from llm_stream.engine.scheduler import BatchLimits, Scheduler, StepOutput
+from llm_stream.engine.sequence import Sequence
 from llm_stream.engine.types import (
     Completion,
     FinishReason,
-    GenerationBackend,
     GenerationRequest,
+    ModelBackend,
     SamplingParams,
-    StopSignal,
     StreamEnd,
     TokenEvent,
 )
-from llm_stream.errors import LLMStreamError, ModelNotFoundError, UnavailableError
+from llm_stream.errors import ModelNotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-StreamItem = TokenEvent | StreamEnd | Exception
 
 
 class EngineState(Enum):
@@ -50,15 +48,8 @@ class EngineState(Enum):
 
 
 @dataclass(frozen=True)
-class EngineLimits:
-    max_concurrent: int = 4
-    max_queue: int = 32
-    stream_buffer: int = 64
-
-
-@dataclass(frozen=True)
 class FinishedGeneration:
-    """What a worker did, recorded when it ends (for logs and tests)."""
+    """What a sequence did, recorded when it leaves the batch (for logs, metrics, tests)."""
 
     request_id: str
     model_id: str
@@ -66,55 +57,86 @@ class FinishedGeneration:
     completion_tokens: int
     duration_s: float
     error: str | None = None
-    # Seconds from the worker's start to its first token (None for batch items).
+    # Seconds from submission to the first token (None when there was none).
     first_token_s: float | None = None
+    # Scheduler steps between the cancel and the freed row (None when not cancelled).
+    steps_after_cancel: int | None = None
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Latencies observed in one scheduler step of one model (for metrics)."""
+
+    model_id: str
+    batch_rows: int
+    first_token_s: list[float] = field(default_factory=list)
+    inter_token_s: list[float] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Model:
+    backend: ModelBackend
+    scheduler: Scheduler
+    thread: threading.Thread
 
 
 class Engine:
-    def __init__(self, limits: EngineLimits) -> None:
-        self._limits = limits
-        self._admission = AdmissionController(limits.max_concurrent, limits.max_queue)
-        self._executor = ThreadPoolExecutor(
-            max_workers=limits.max_concurrent + 1, thread_name_prefix="llm-stream-generate"
-        )
-        self._backends: dict[str, GenerationBackend] = {}
+    def __init__(self, limits: BatchLimits) -> None:
+        self.limits = limits
+        self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="llm-stream-prepare")
+        self._models: dict[str, _Model] = {}
+        self._outboxes: dict[int, asyncio.Queue[StepOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.default_model_id = ""
         self.state = EngineState.STARTING
-        self._running: set[StopSignal] = set()
         self.finished: collections.deque[FinishedGeneration] = collections.deque(maxlen=1000)
         self._finish_waiters: dict[str, list[asyncio.Future[FinishedGeneration]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        # Called on the event loop with each FinishedGeneration (e.g. metrics).
+        # Called on the event loop: with each FinishedGeneration, and with each step's timings.
         self.finish_listeners: list[Callable[[FinishedGeneration], None]] = []
+        self.timing_listeners: list[Callable[[StepTiming], None]] = []
 
     # -- registry ------------------------------------------------------------
 
-    def add_backend(self, backend: GenerationBackend, default: bool = False) -> None:
-        self._backends[backend.model_id] = backend
+    def add_backend(self, backend: ModelBackend, default: bool = False) -> None:
+        """Serve this model: its scheduler thread starts now. Call on the event loop."""
+        self._loop = asyncio.get_running_loop()
+        model_id = backend.model_id
+
+        def deliver(outputs: list[StepOutput]) -> None:
+            self._deliver_threadsafe(model_id, outputs)
+
+        scheduler = Scheduler(backend.new_runner(), self.limits, deliver)
+        thread = threading.Thread(
+            target=scheduler.run, name=f"llm-stream-batch-{model_id}", daemon=True
+        )
+        self._models[model_id] = _Model(backend, scheduler, thread)
+        thread.start()
         if default or not self.default_model_id:
-            self.default_model_id = backend.model_id
+            self.default_model_id = model_id
 
     @property
-    def backends(self) -> dict[str, GenerationBackend]:
-        return dict(self._backends)
+    def backends(self) -> dict[str, ModelBackend]:
+        return {model_id: m.backend for model_id, m in self._models.items()}
 
-    def backend_for(self, model_id: str) -> GenerationBackend:
-        key = model_id or self.default_model_id
-        backend = self._backends.get(key)
-        if backend is None:
-            known = ", ".join(sorted(self._backends)) or "none loaded yet"
+    def backend_for(self, model_id: str) -> ModelBackend:
+        return self._model(model_id).backend
+
+    def _model(self, model_id: str) -> _Model:
+        model = self._models.get(model_id or self.default_model_id)
+        if model is None:
+            known = ", ".join(sorted(self._models)) or "none loaded yet"
             raise ModelNotFoundError(f"unknown model_id {model_id!r}; this server serves: {known}")
-        return backend
+        return model
 
     @property
     def active(self) -> int:
-        """Generations holding a slot (their worker is running)."""
-        return self._admission.active
+        """Sequences in a batch (prefilling or decoding), over all models."""
+        return sum(m.scheduler.running for m in self._models.values())
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a slot."""
-        return self._admission.waiting
+        """Sequences queued for a batch row."""
+        return sum(m.scheduler.waiting for m in self._models.values())
 
     @property
     def in_flight(self) -> int:
@@ -135,219 +157,213 @@ class Engine:
     ) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
         """Token events, then one StreamEnd. Leaving early stops the model."""
         self.check_accepting()
-        backend = self.backend_for(request.model_id)
-        stop = StopSignal()
-        channel: ThreadToLoopChannel[StreamItem] = ThreadToLoopChannel(
-            asyncio.get_running_loop(), self._limits.stream_buffer
-        )
-        slot = await self._admission.acquire()
-        self._start(slot, stop, self._stream_worker, backend, request, stop, channel)
-        try:
-            while True:
-                item = await channel.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if isinstance(item, StreamEnd):
-                    return
-        finally:
-            stop.set()
-            channel.close()
+        model, sequence = await self._prepare(request)
+        (outbox,) = self._submit(model, sequence)
+        async for event in self._events(model, sequence, outbox):
+            yield event
 
     async def complete(self, request: GenerationRequest) -> Completion:
+        self.check_accepting()
+        model, sequence = await self._prepare(request)
+        (outbox,) = self._submit(model, sequence)
+        return await self._collect(model, sequence, outbox)
+
+    async def batch(
+        self, items: Items[GenerationRequest | Exception]
+    ) -> list[Completion | Exception]:
+        """Every item a sequence of the same batch; an item's own error stays its result.
+
+        Items are prepared, then submitted together so they share their prefill;
+        if the server cannot take them all, none runs (RESOURCE_EXHAUSTED).
+        """
+        self.check_accepting()
+        started = time.monotonic()
+        prepared = await asyncio.gather(
+            *(self._prepare(item) for item in items if not isinstance(item, Exception)),
+            return_exceptions=True,
+        )
+        results: list[Completion | Exception] = []
+        accepted: dict[int, tuple[_Model, Sequence]] = {}
+        outcomes = iter(prepared)
+        for item in items:
+            outcome = item if isinstance(item, Exception) else next(outcomes)
+            if isinstance(outcome, BaseException):
+                results.append(_as_exception(outcome))
+            else:
+                accepted[len(results)] = outcome
+                results.append(UnavailableError("not run"))  # replaced below
+        runs: list[tuple[int, asyncio.Task[Completion]]] = []
+        submitted: list[tuple[_Model, Sequence]] = []
+        try:
+            for model, group in _by_model(accepted).items():
+                outboxes = self._submit(model, *(sequence for _, sequence in group))
+                submitted += [(model, sequence) for _, sequence in group]
+                for (index, sequence), outbox in zip(group, outboxes, strict=True):
+                    run = asyncio.create_task(self._collect(model, sequence, outbox))
+                    runs.append((index, run))
+            for index, run in runs:
+                try:
+                    results[index] = await run
+                except Exception as exc:
+                    results[index] = exc
+        except BaseException:  # refused for overload, or the client left: none goes on
+            for _, run in runs:
+                run.cancel()
+            for model, sequence in submitted:
+                model.scheduler.cancel(sequence)
+            raise
+        latency_ms = (time.monotonic() - started) * 1000
+        for index, result in enumerate(results):
+            if isinstance(result, Completion):
+                results[index] = dataclasses.replace(result, latency_ms=latency_ms)
+        return results
+
+    async def warm_up(self, tokens: int) -> None:
+        """One short generation per model, through the same path requests take."""
+        for model_id in self._models:
+            request = GenerationRequest(
+                request_id=f"warmup-{model_id}",
+                model_id=model_id,
+                prompt="Hello",
+                sampling=SamplingParams(max_tokens=tokens),
+            )
+            started = time.monotonic()
+            model, sequence = await self._prepare(request)
+            (outbox,) = self._submit(model, sequence)
+            completion = await self._collect(model, sequence, outbox)
+            log.info(
+                "warm-up of %s generated %d tokens in %.2f s",
+                model_id,
+                completion.completion_tokens,
+                time.monotonic() - started,
+            )
+
+    # -- the path every request takes -----------------------------------------
+
+    async def _prepare(self, request: GenerationRequest) -> tuple[_Model, Sequence]:
+        model = self._model(request.model_id)
+        backend = model.backend
+
+        def prepare() -> Sequence:
+            prepared = backend.prepare(request)
+            return Sequence(prepared, backend.text_assembler(prepared))
+
+        loop = asyncio.get_running_loop()
+        return model, await loop.run_in_executor(self._prepare_pool, prepare)
+
+    def _submit(self, model: _Model, *sequences: Sequence) -> list[asyncio.Queue[StepOutput]]:
+        outboxes: list[asyncio.Queue[StepOutput]] = []
+        for sequence in sequences:
+            outboxes.append(asyncio.Queue())
+            self._outboxes[sequence.key] = outboxes[-1]
+        try:
+            model.scheduler.submit(*sequences)
+        except BaseException:
+            for sequence in sequences:
+                del self._outboxes[sequence.key]
+            raise
+        return outboxes
+
+    async def _events(
+        self, model: _Model, sequence: Sequence, outbox: asyncio.Queue[StepOutput]
+    ) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
+        ended = False
+        try:
+            while not ended:
+                output = await outbox.get()
+                for event in output.events:
+                    yield event
+                if output.finished:
+                    ended = True
+                    if sequence.error is not None:
+                        raise sequence.error
+                    yield sequence.end_event()
+        finally:
+            if not ended:
+                model.scheduler.cancel(sequence)
+            self._outboxes.pop(sequence.key, None)
+
+    async def _collect(
+        self, model: _Model, sequence: Sequence, outbox: asyncio.Queue[StepOutput]
+    ) -> Completion:
         started = time.monotonic()
         parts: list[str] = []
         end: StreamEnd | None = None
-        async with aclosing(self.stream(request)) as events:
+        events = self._events(model, sequence, outbox)
+        try:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
                 else:
                     end = event
-        assert end is not None  # stream() always ends with a StreamEnd or raises
+        finally:
+            await events.aclose()
+        assert end is not None  # _events always ends with a StreamEnd or raises
         return Completion(
             text="".join(parts),
             finish_reason=end.finish_reason,
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
-            # stream() has checked readiness and resolved the model already.
-            model_version=self.backend_for(request.model_id).version,
+            model_version=model.backend.version,
             latency_ms=(time.monotonic() - started) * 1000,
         )
 
-    async def batch(
-        self, items: Sequence[GenerationRequest | Exception]
-    ) -> list[Completion | Exception]:
-        """One padded batch per model; an item's own error stays that item's result."""
-        self.check_accepting()
-        started = time.monotonic()
-        results: list[Completion | Exception] = list(
-            item if isinstance(item, Exception) else UnavailableError("not run") for item in items
-        )
-        groups: dict[str, list[tuple[int, GenerationRequest]]] = {}
-        for index, item in enumerate(items):
-            if isinstance(item, Exception):
-                continue
-            try:
-                backend = self.backend_for(item.model_id)
-            except ModelNotFoundError as exc:
-                results[index] = exc
-                continue
-            groups.setdefault(backend.model_id, []).append((index, item))
-        runs = [
-            asyncio.ensure_future(self._run_batch(model_id, group))
-            for model_id, group in groups.items()
-        ]
-        try:
-            outcomes = await asyncio.gather(*runs)
-        except BaseException:
-            for run in runs:  # one group refused (overload) or the client left: stop the rest
-                run.cancel()
-            raise
-        latency_ms = (time.monotonic() - started) * 1000
-        for group, group_results in zip(groups.values(), outcomes, strict=True):
-            for (index, _), result in zip(group, group_results, strict=True):
-                if isinstance(result, Completion):
-                    results[index] = dataclasses.replace(result, latency_ms=latency_ms)
-                else:
-                    results[index] = result
-        return results
+    # -- scheduler thread -> event loop ----------------------------------------
 
-    async def _run_batch(
-        self, model_id: str, group: list[tuple[int, GenerationRequest]]
-    ) -> list[Completion | Exception]:
-        backend = self._backends[model_id]
-        stop = StopSignal()
-        slot = await self._admission.acquire()
-        requests = [request for _, request in group]
-        work = self._start(slot, stop, self._batch_worker, backend, requests, stop)
-        try:
-            return await asyncio.shield(work)
-        finally:
-            stop.set()
-
-    async def warm_up(self, tokens: int) -> None:
-        """One short generation per model, through the same path requests take."""
-        loop = asyncio.get_running_loop()
-        for backend in self._backends.values():
-            request = GenerationRequest(
-                request_id=f"warmup-{backend.model_id}",
-                model_id=backend.model_id,
-                prompt="Hello",
-                sampling=SamplingParams(max_tokens=tokens),
-            )
-            started = time.monotonic()
-            end = await loop.run_in_executor(
-                self._executor, backend.stream, request, StopSignal(), lambda _event: True
-            )
-            log.info(
-                "warm-up of %s generated %d tokens in %.2f s",
-                backend.model_id,
-                end.completion_tokens,
-                time.monotonic() - started,
-            )
-
-    # -- workers -------------------------------------------------------------
-
-    def _start(
-        self, slot: Slot, stop: StopSignal, fn: Callable[..., T], *args: Any
-    ) -> asyncio.Future[T]:
-        loop = self._loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()
-        self._running.add(stop)
-        try:
-            work = loop.run_in_executor(self._executor, context.run, fn, *args)
-        except BaseException:
-            self._running.discard(stop)
-            slot.release()
-            raise
-
-        def done(_: asyncio.Future[T]) -> None:
-            self._running.discard(stop)
-            slot.release()
-
-        work.add_done_callback(done)
-        return work
-
-    def _stream_worker(
-        self,
-        backend: GenerationBackend,
-        request: GenerationRequest,
-        stop: StopSignal,
-        channel: ThreadToLoopChannel[StreamItem],
-    ) -> None:
-        started = time.monotonic()
-        tokens = 0
-        first_token_s: float | None = None
-
-        def emit(event: TokenEvent) -> bool:
-            nonlocal tokens, first_token_s
-            tokens += 1
-            if first_token_s is None:
-                first_token_s = time.monotonic() - started
-            return channel.put_blocking(event)
-
-        try:
-            end = backend.stream(request, stop, emit)
-        except LLMStreamError as exc:
-            self._record(request, None, tokens, started, error=str(exc))
-            channel.put_blocking(exc)
-            return
-        except Exception as exc:
-            log.exception("generation failed for request %s", request.request_id)
-            self._record(request, None, tokens, started, error=repr(exc))
-            channel.put_blocking(exc)
-            return
-        self._record(
-            request, end.finish_reason, end.completion_tokens, started, first_token_s=first_token_s
-        )
-        channel.put_blocking(end)
-
-    def _batch_worker(
-        self, backend: GenerationBackend, requests: list[GenerationRequest], stop: StopSignal
-    ) -> list[Completion | Exception]:
-        started = time.monotonic()
-        results = backend.generate_batch(requests, stop)
-        for request, result in zip(requests, results, strict=True):
-            if isinstance(result, Completion):
-                self._record(request, result.finish_reason, result.completion_tokens, started)
-        return results
-
-    def _record(
-        self,
-        request: GenerationRequest,
-        reason: FinishReason | None,
-        tokens: int,
-        started: float,
-        *,
-        error: str | None = None,
-        first_token_s: float | None = None,
-    ) -> None:
-        elapsed = time.monotonic() - started
-        record = FinishedGeneration(
-            request.request_id,
-            request.model_id or self.default_model_id,
-            reason,
-            tokens,
-            elapsed,
-            error,
-            first_token_s,
-        )
-        log.info(
-            "generation ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s)%s",
-            reason.value if reason else "error",
-            tokens,
-            elapsed,
-            tokens / elapsed if elapsed > 0 else 0.0,
-            f" error={error}" if error else "",
-        )
+    def _deliver_threadsafe(self, model_id: str, outputs: list[StepOutput]) -> None:
         loop = self._loop
         try:
             if loop is None:
                 raise RuntimeError("no loop")
-            loop.call_soon_threadsafe(self._on_finished, record)
-        except RuntimeError:  # the loop is gone (shutdown): keep the record only
-            self.finished.append(record)
+            loop.call_soon_threadsafe(self._on_outputs, model_id, outputs)
+        except RuntimeError:  # the loop is gone (shutdown): keep the records only
+            for output in outputs:
+                if output.finished:
+                    self.finished.append(self._record(model_id, output.sequence))
+
+    def _on_outputs(self, model_id: str, outputs: list[StepOutput]) -> None:
+        timing = StepTiming(model_id, self._models[model_id].scheduler.running)
+        for output in outputs:
+            if output.first_token_s is not None:
+                timing.first_token_s.append(output.first_token_s)
+            timing.inter_token_s.extend(output.inter_token_s)
+            outbox = self._outboxes.get(output.sequence.key)
+            if outbox is not None:
+                outbox.put_nowait(output)
+            if output.finished:
+                self._on_finished(self._record(model_id, output.sequence))
+        for listener in self.timing_listeners:
+            listener(timing)
+
+    def _record(self, model_id: str, sequence: Sequence) -> FinishedGeneration:
+        now = time.monotonic()
+        steps_after_cancel = None
+        if sequence.cancel_step is not None and sequence.freed_step is not None:
+            steps_after_cancel = sequence.freed_step - sequence.cancel_step
+        record = FinishedGeneration(
+            request_id=sequence.request_id,
+            model_id=model_id,
+            finish_reason=sequence.finish_reason,
+            completion_tokens=sequence.assembler.count,
+            duration_s=now - sequence.submitted_at,
+            error=None if sequence.error is None else repr(sequence.error),
+            first_token_s=(
+                None
+                if sequence.first_token_at is None
+                else sequence.first_token_at - sequence.submitted_at
+            ),
+            steps_after_cancel=steps_after_cancel,
+        )
+        log.info(
+            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s)%s",
+            record.request_id,
+            record.finish_reason.value if record.finish_reason else "error",
+            record.completion_tokens,
+            record.duration_s,
+            record.completion_tokens / record.duration_s if record.duration_s > 0 else 0.0,
+            f" error={record.error}" if record.error else "",
+        )
+        return record
 
     def _on_finished(self, record: FinishedGeneration) -> None:
         self.finished.append(record)
@@ -358,7 +374,7 @@ class Engine:
                 waiter.set_result(record)
 
     async def wait_finished(self, request_id: str, timeout: float) -> FinishedGeneration:
-        """Wait until the worker of ``request_id`` has ended (used by tests and drain)."""
+        """Wait until the sequence of ``request_id`` has left its batch (tests and drain)."""
         for record in self.finished:
             if record.request_id == request_id:
                 return record
@@ -369,10 +385,27 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------
 
     def stop_all(self) -> None:
-        """Stop every running generation (drain grace has expired)."""
-        for stop in list(self._running):
-            stop.set()
+        """Cancel every sequence, waiting or running (drain grace has expired)."""
+        for model in self._models.values():
+            model.scheduler.cancel_all()
 
     def close(self) -> None:
-        self.stop_all()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for model in self._models.values():
+            model.scheduler.close()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _as_exception(outcome: BaseException) -> Exception:
+    if isinstance(outcome, Exception):
+        return outcome
+    raise outcome  # CancelledError and friends are not an item's result
+
+
+def _by_model(
+    accepted: dict[int, tuple[_Model, Sequence]],
+) -> dict[_Model, list[tuple[int, Sequence]]]:
+    """Accepted items grouped by model, each with its place in the answer."""
+    groups: dict[_Model, list[tuple[int, Sequence]]] = {}
+    for index, (model, sequence) in accepted.items():
+        groups.setdefault(model, []).append((index, sequence))
+    return groups

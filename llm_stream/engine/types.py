@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import enum
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -75,39 +74,87 @@ class Completion:
     latency_ms: float = 0.0
 
 
-@dataclass(eq=False)
-class StopSignal:
-    """Set by anyone (client gone, deadline, drain) to stop a running generation."""
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request tokenized and checked against the model, ready to be admitted."""
 
-    event: threading.Event = field(default_factory=threading.Event)
+    request: GenerationRequest
+    prompt_ids: tuple[int, ...]
+    # max_tokens, clamped to the room the model's context leaves.
+    max_new_tokens: int
 
-    def set(self) -> None:
-        self.event.set()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-
-# Hands one event to the consumer; False when the consumer is gone.
-EmitFn = Callable[[TokenEvent], bool]
+    @property
+    def token_cost(self) -> int:
+        """The most cache positions this sequence can ever hold."""
+        return len(self.prompt_ids) + self.max_new_tokens
 
 
-class GenerationBackend(Protocol):
+class TextAssembler(Protocol):
+    """Turns one sequence's generated ids into text deltas and knows when it is done."""
+
+    count: int
+    finish_reason: FinishReason | None
+
+    @property
+    def done(self) -> bool: ...
+
+    def add(self, token_id: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Prompt tokens ``[start, end)`` of one sequence, to be fed in this step."""
+
+    key: int
+    prepared: PreparedRequest
+    start: int
+    end: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.end == len(self.prepared.prompt_ids)
+
+
+class StepRunner(Protocol):
+    """The model's step primitives, driven by the scheduler on its own thread.
+
+    Rows are named by the scheduler's sequence keys. A sequence whose prompt
+    is complete joins the decode batch and gets its first token from
+    ``prefill``; every later token comes from ``decode``.
+    """
+
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
+        """Feed these prompt chunks; per chunk, the first token once its prompt is complete."""
+        ...
+
+    def decode(self) -> list[tuple[int, int]]:
+        """One step for every row of the decode batch: (key, next token) per row."""
+        ...
+
+    def remove(self, keys: Collection[int]) -> None:
+        """Drop these rows (and their cache) from wherever they are."""
+        ...
+
+    def reset(self) -> None:
+        """Drop every row (after a failed step)."""
+        ...
+
+
+class ModelBackend(Protocol):
     """What the engine needs from a loaded model (implemented in llm_stream.model).
 
-    Both methods block and run on a worker thread, never on the event loop.
+    ``prepare`` and ``text_assembler`` are quick and run on a preparation thread;
+    the runner's steps run on the model's scheduler thread; neither on the event loop.
     """
 
     model_id: str
     version: str
     device: str
 
-    def stream(self, request: GenerationRequest, stop: StopSignal, emit: EmitFn) -> StreamEnd:
-        """Generate for one request, calling ``emit`` once per generated token."""
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Tokenize and check; InvalidRequestError when the request cannot be served."""
         ...
 
-    def generate_batch(
-        self, requests: Sequence[GenerationRequest], stop: StopSignal
-    ) -> list[Completion | Exception]:
-        """Generate for several requests as padded batches; one result per request."""
-        ...
+    def text_assembler(self, prepared: PreparedRequest) -> TextAssembler: ...
+
+    def new_runner(self) -> StepRunner: ...

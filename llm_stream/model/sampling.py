@@ -1,78 +1,107 @@
-"""Per-row sampling as a logits processor, so one padded batch can mix settings.
+"""Next-token choice for a whole batch, each row with its own settings and seed.
 
-``generate`` runs greedy (argmax) and this processor, applied last, leaves greedy
-rows as they are and, for sampled rows, draws the token with the row's own
-``torch.Generator`` and masks every other logit. Each request thus gets its own
-reproducible random stream (same seed, same output) even while other requests
-sample concurrently on other threads, which a global ``torch.manual_seed``
-could not give.
+Greedy rows take the argmax of the batch in one call and skip sampling. Sampled
+rows are handled together: temperature, then top-k (taking the top candidates
+once for all rows), then top-p over those candidates, then one draw per row by
+inverting the cumulative distribution with a single uniform number from the
+row's own ``torch.Generator``. Drawing one number per row instead of noise over
+the whole vocabulary keeps sampling cheap at 64 rows, and because a row's
+random stream never depends on other rows, the same seed gives the same text
+whatever else is in the batch.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor
 
 from llm_stream.engine.types import SamplingParams
 
+_MIN_TEMPERATURE = 1e-4
+
 
 @dataclass
-class RowSampling:
+class RowSampler:
+    """One sequence's sampling settings, generator and the ids its penalty looks at."""
+
     params: SamplingParams
-    # Left-padding length of this row; padding is ignored by the repetition penalty.
-    pad_length: int
     generator: torch.Generator | None
+    # Prompt and generated ids, for the repetition penalty (kept only when it applies).
+    seen: list[int] = field(default_factory=list)
+
+    def record(self, token_id: int) -> None:
+        if self.params.repetition_penalty != 1.0:
+            self.seen.append(token_id)
 
 
-def make_row(params: SamplingParams, pad_length: int, device: torch.device) -> RowSampling:
+def make_row_sampler(
+    params: SamplingParams, prompt_ids: Sequence[int], device: torch.device
+) -> RowSampler:
     generator = None
     if not params.greedy:
         generator = torch.Generator(device=device)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        generator.manual_seed(seed)
-    return RowSampling(params=params, pad_length=pad_length, generator=generator)
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    seen = list(prompt_ids) if params.repetition_penalty != 1.0 else []
+    return RowSampler(params, generator, seen)
 
 
-class PerRowSampler(LogitsProcessor):
-    """Repetition penalty and sampling, each row with its own settings and generator."""
+def apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """Divide positive (multiply negative) logits of ids a row has seen, per row."""
+    penalised = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not penalised:
+        return logits
+    logits = logits.clone()
+    for i in penalised:
+        ids = torch.tensor(rows[i].seen, dtype=torch.long, device=logits.device)
+        if ids.numel() == 0:
+            continue
+        penalty = rows[i].params.repetition_penalty
+        seen = logits[i].gather(0, ids)
+        logits[i].scatter_(0, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+    return logits
 
-    def __init__(self, rows: Sequence[RowSampling]) -> None:
-        self._rows = list(rows)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        out = scores.clone()
-        for i, row in enumerate(self._rows):
-            out[i] = self._process_row(input_ids[i, row.pad_length :], out[i], row)
-        return out  # type: ignore[return-value]  # FloatTensor is only a type alias
+def _sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tensor:
+    """Draw one token per row of ``logits`` (all rows sampled, none greedy)."""
+    vocab = logits.shape[-1]
+    device = logits.device
+    temperature = torch.tensor([r.params.temperature for r in rows], device=device)
+    # A vanishing temperature is greedy in all but name; the floor keeps logits finite.
+    scaled = logits.float() / temperature.clamp(min=_MIN_TEMPERATURE).unsqueeze(1)
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    # Candidates sorted by logit, as many as the widest row needs.
+    values, indices = torch.topk(scaled, max(top_k), dim=-1, sorted=True)
+    rank = torch.arange(values.shape[1], device=device).unsqueeze(0)
+    limit = torch.tensor(top_k, device=device).unsqueeze(1)
+    values = values.masked_fill(rank >= limit, float("-inf"))
+    probs = torch.softmax(values, dim=-1)
+    top_p = torch.tensor([r.params.top_p for r in rows], device=device).unsqueeze(1)
+    # Drop a candidate once the mass before it already reaches top_p (keeps at least one).
+    before = probs.cumsum(dim=-1) - probs
+    probs = probs.masked_fill(before >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    uniforms = torch.cat([torch.rand(1, generator=r.generator, device=device) for r in rows])
+    target = (uniforms * cdf[:, -1]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, target, right=True).clamp(max=values.shape[1] - 1)
+    # A draw can land on a dropped candidate only by rounding; step back to a kept one.
+    kept = probs.gather(1, choice) > 0
+    choice = torch.where(kept, choice, (probs > 0).sum(dim=1, keepdim=True) - 1)
+    return indices.gather(1, choice).squeeze(1)
 
-    @staticmethod
-    def _process_row(ids: torch.Tensor, logits: torch.Tensor, row: RowSampling) -> torch.Tensor:
-        params = row.params
-        if params.repetition_penalty != 1.0 and ids.numel() > 0:
-            seen = logits.gather(0, ids)
-            seen = torch.where(
-                seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty
-            )
-            logits = logits.scatter(0, ids, seen)
-        if row.generator is None:
-            return logits
-        logits = logits.float() / params.temperature
-        if 0 < params.top_k < logits.numel():
-            kth = torch.topk(logits, params.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-            # Drop tokens once the mass before them already reaches top_p (keep at least one).
-            drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=row.generator)
-        picked = torch.full_like(logits, float("-inf"))
-        picked[choice] = 0.0
-        return picked.to(logits.dtype)
+
+def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[int]:
+    """The next token of every row; ``logits`` is [rows, vocab]."""
+    logits = apply_repetition_penalty(logits, rows)
+    chosen = logits.argmax(dim=-1)
+    sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        draws = _sample_rows(logits.index_select(0, index), [rows[i] for i in sampled])
+        chosen = chosen.index_copy(0, index, draws)
+    tokens = [int(t) for t in chosen.tolist()]
+    for row, token in zip(rows, tokens, strict=True):
+        row.record(token)
+    return tokens

@@ -14,12 +14,14 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from llm_stream.engine.engine import Engine, FinishedGeneration
+from llm_stream.engine.engine import Engine, FinishedGeneration, StepTiming
 from llm_stream.protocol.health import HealthState
 
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5)
+_BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
 
 
 class ServerMetrics:
@@ -27,12 +29,13 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._gauge(
             "llm_stream_generations_running",
-            "Generations holding a slot right now (at most --max-concurrent).",
+            "Sequences in the batch right now, over all models: the batch size "
+            "(at most --max-concurrent per model).",
             lambda: engine.active,
         )
         self._gauge(
             "llm_stream_generations_waiting",
-            "Requests queued for a generation slot (at most --max-queue).",
+            "Requests queued for a batch row: the queue depth.",
             lambda: engine.waiting,
         )
         self._gauge(
@@ -59,14 +62,28 @@ class ServerMetrics:
         )
         self._first_token = Histogram(
             "llm_stream_time_to_first_token_seconds",
-            "From the start of a streamed generation to its first token.",
+            "From a request's admission to its first token.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._inter_token = Histogram(
+            "llm_stream_inter_token_latency_seconds",
+            "Between consecutive tokens of one sequence (one batch step, mostly).",
+            ["model"],
+            buckets=_INTER_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self._batch_rows = Histogram(
+            "llm_stream_batch_rows",
+            "Sequences in the batch at each scheduler step that produced tokens.",
+            ["model"],
+            buckets=_BATCH_ROW_BUCKETS,
+            registry=self.registry,
+        )
         self._duration = Histogram(
             "llm_stream_generation_duration_seconds",
-            "Wall time of a generation on its worker.",
+            "Wall time of a generation from admission to its last token.",
             ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
@@ -78,6 +95,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         engine.finish_listeners.append(self.observe)
+        engine.timing_listeners.append(self.observe_step)
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -90,8 +108,15 @@ class ServerMetrics:
         self._generations.labels(record.model_id, reason).inc()
         self._tokens.labels(record.model_id).inc(record.completion_tokens)
         self._duration.labels(record.model_id).observe(record.duration_s)
-        if record.first_token_s is not None:
-            self._first_token.labels(record.model_id).observe(record.first_token_s)
+
+    def observe_step(self, timing: StepTiming) -> None:
+        self._batch_rows.labels(timing.model_id).observe(timing.batch_rows)
+        first_token = self._first_token.labels(timing.model_id)
+        for seconds in timing.first_token_s:
+            first_token.observe(seconds)
+        inter_token = self._inter_token.labels(timing.model_id)
+        for seconds in timing.inter_token_s:
+            inter_token.observe(seconds)
 
     def rejected(self, code_name: str) -> None:
         self._rejected.labels(code_name).inc()

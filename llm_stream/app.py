@@ -1,0 +1,132 @@
+"""Composition: settings in, a running server out.
+
+Wires the pieces the transport package only converts and serves: loads the
+configured models, builds the engine (one continuous batch per model), health,
+metrics and the gRPC server, and runs their life: the port opens at once with
+health NOT_SERVING; models load on a worker thread and warm up; only then does
+health turn SERVING. Draining flips health first, refuses new RPCs, and gives
+in-flight ones the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from llm_stream.engine.engine import Engine, EngineState
+from llm_stream.engine.scheduler import BatchLimits
+from llm_stream.engine.types import ModelBackend
+from llm_stream.metrics import ServerMetrics
+from llm_stream.protocol.convert import RequestLimits
+from llm_stream.protocol.health import HealthState
+from llm_stream.protocol.server import build_grpc_server
+from llm_stream.protocol.servicer import InferenceServicer
+from llm_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Returns the loaded backends, the default first. Runs on a worker thread.
+ModelLoader = Callable[[Settings], Sequence[ModelBackend]]
+
+
+def load_configured_models(settings: Settings) -> list[ModelBackend]:
+    """The real loader: the registry from flags and file, each entry loaded."""
+    from llm_stream.model.loader import load_backend  # torch is imported only when loading
+    from llm_stream.model.sources import build_registry_config
+
+    registry = build_registry_config(settings.models, settings.models_file, settings.default_model)
+    backends = [
+        load_backend(spec, settings.device, settings.dtype, settings.cache_dir)
+        for spec in registry.specs
+    ]
+    backends.sort(key=lambda b: b.model_id != registry.default_model_id)
+    return list(backends)
+
+
+def batch_limits(settings: Settings) -> BatchLimits:
+    return BatchLimits(
+        max_rows=settings.max_concurrent,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue=settings.max_queue,
+        prefill_chunk=settings.prefill_chunk,
+    )
+
+
+class LLMStreamServer:
+    def __init__(self, settings: Settings, load_models: ModelLoader = load_configured_models):
+        self.settings = settings
+        self._load_models = load_models
+        self.engine = Engine(batch_limits(settings))
+        self.health = HealthState()
+        self.metrics = ServerMetrics(self.engine, self.health)
+        servicer = InferenceServicer(
+            self.engine,
+            self.health,
+            RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
+            settings.max_batch_size,
+            on_rejected=self.metrics.rejected,
+        )
+        self._server = build_grpc_server(settings, servicer, self.health)
+        self.port = 0
+        self.metrics_port = 0
+        self.ready: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Bind and start serving health; load and warm up in the background."""
+        try:
+            self.port = self._server.add_insecure_port(self.settings.address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self.settings.address}: {exc}") from exc
+        await self.health.start()
+        if self.settings.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(
+                    self.settings.host, self.settings.metrics_port
+                )
+            except OSError as exc:
+                await self._server.stop(0)
+                raise OSError(
+                    f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
+                ) from exc
+        await self._server.start()
+        log.info(
+            "listening on %s:%d (health NOT_SERVING until warm-up)", self.settings.host, self.port
+        )
+        self.ready = asyncio.create_task(self._load_and_warm_up(), name="load-and-warm-up")
+        return self.port
+
+    async def _load_and_warm_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        backends = await loop.run_in_executor(None, self._load_models, self.settings)
+        for index, backend in enumerate(backends):
+            self.engine.add_backend(backend, default=index == 0)
+        await self.engine.warm_up(self.settings.warmup_tokens)
+        if self.engine.state is EngineState.STARTING:
+            self.engine.state = EngineState.READY
+            await self.health.mark_serving()
+            default = self.engine.backend_for("")
+            log.info(
+                "ready: serving on %s:%d model=%s version=%s device=%s (models: %s)",
+                self.settings.host,
+                self.port,
+                default.model_id,
+                default.version,
+                default.device,
+                ", ".join(self.engine.backends),
+            )
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace."""
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        self.engine.state = EngineState.DRAINING
+        await self.health.mark_draining()
+        if self.ready is not None and not self.ready.done():
+            self.ready.cancel()
+        log.info("draining: %d requests in flight, grace %.1f s", self.engine.in_flight, grace)
+        # stop() refuses new RPCs, waits up to grace for running ones, then cancels them;
+        # cancelled handlers set their stop signals, which ends their generations.
+        await self._server.stop(grace)
+        self.engine.close()
+        self.metrics.close()
+        log.info("stopped")

@@ -1,0 +1,280 @@
+"""Iteration-level ("continuous") batching for one model, in plain Python.
+
+One scheduler per loaded model owns the running batch and runs on its own
+thread. Each step:
+
+1. rows whose stream was cancelled (client gone, deadline, drain) are freed;
+2. waiting sequences are admitted while a row and the token budget allow;
+3. prompt work is fed, at most ``prefill_chunk`` tokens per step while other
+   rows are decoding, so a burst of arrivals never freezes running streams for
+   long (a longer prompt is split into chunks);
+4. every decoding row gets one more token in a single batched decode;
+5. finished rows leave, and the step's events go to the event loop in one hand-off.
+
+No torch here: the model's :class:`~llm_stream.engine.types.StepRunner` does
+the tensor work, so the scheduling rules are unit-tested with a fake runner.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llm_stream.engine.sequence import Phase, Sequence
+from llm_stream.engine.types import FinishReason, PrefillChunk, StepRunner, TokenEvent
+from llm_stream.errors import InvalidRequestError, OverloadedError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    # Sequences in the batch at once (prefilling or decoding).
+    max_rows: int = 64
+    # Sum over admitted sequences of prompt + max_tokens: bounds the KV cache.
+    max_batch_tokens: int = 65536
+    # Sequences allowed to wait beyond the free rows; past it RESOURCE_EXHAUSTED.
+    max_queue: int = 256
+    # Prompt tokens fed per step while other rows decode.
+    prefill_chunk: int = 256
+
+
+@dataclass
+class StepOutput:
+    """What one sequence got from one step: its new events, and whether it ended."""
+
+    sequence: Sequence
+    events: list[TokenEvent] = field(default_factory=list)
+    # Seconds from submission to the first token, when this step produced it.
+    first_token_s: float | None = None
+    # Seconds since the sequence's previous token, for each later token of this step.
+    inter_token_s: list[float] = field(default_factory=list)
+    # Whether the sequence ended in this step. A snapshot taken when the step is
+    # handed over: by the time the event loop reads it, the sequence may be steps ahead.
+    finished: bool = False
+
+
+Deliver = Callable[[list[StepOutput]], None]
+
+
+class Scheduler:
+    def __init__(self, runner: StepRunner, limits: BatchLimits, deliver: Deliver) -> None:
+        self._runner = runner
+        self._limits = limits
+        self._deliver = deliver
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._tokens_admitted = 0
+        self._closed = False
+        self.steps = 0
+
+    # -- any thread ------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, *sequences: Sequence) -> None:
+        """Queue prepared sequences, all or none; refused at once when they cannot be served."""
+        for sequence in sequences:
+            self._check_budget(sequence)
+        with self._cond:
+            if self._closed:
+                raise UnavailableError("this server is shutting down; retry on another replica")
+            free_rows = max(0, self._limits.max_rows - len(self._running))
+            if len(self._waiting) + len(sequences) > self._limits.max_queue + free_rows:
+                raise OverloadedError(
+                    f"server busy: {len(self._running)} sequences in the batch and "
+                    f"{len(self._waiting)} waiting (the configured limits); "
+                    "retry later with backoff"
+                )
+            self._waiting.extend(sequences)
+            self._cond.notify()
+
+    def _check_budget(self, sequence: Sequence) -> None:
+        cost = sequence.prepared.token_cost
+        if cost > self._limits.max_batch_tokens:
+            raise InvalidRequestError(
+                f"prompt ({sequence.prompt_length} tokens) plus max_tokens "
+                f"({sequence.prepared.max_new_tokens}) is {cost} tokens, more than this "
+                f"server's batch budget of {self._limits.max_batch_tokens} "
+                "(--max-batch-tokens); ask for fewer tokens or shorten the prompt"
+            )
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Stop a sequence: a waiting one leaves now, a running one before the next step."""
+        with self._cond:
+            if sequence.finished or sequence.cancel_requested:
+                return
+            sequence.cancel_requested = True
+            sequence.cancel_step = self.steps
+            if sequence.phase is Phase.WAITING:
+                self._waiting.remove(sequence)
+                sequence.finish(FinishReason.CANCELLED)
+                sequence.freed_step = self.steps
+                waiting_output = [StepOutput(sequence)]
+            else:
+                self._cond.notify()
+                return
+        self._hand_over(waiting_output)
+
+    def cancel_all(self) -> None:
+        with self._cond:
+            everyone = list(self._waiting) + list(self._running)
+        for sequence in everyone:
+            self.cancel(sequence)
+
+    def close(self) -> None:
+        """Cancel everything and let the thread end after its current step."""
+        self.cancel_all()
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    # -- the scheduler thread ------------------------------------------------
+
+    def run(self) -> None:
+        """The thread's body: step while there is work, sleep while there is none."""
+        while True:
+            with self._cond:
+                while not (self._closed or self._waiting or self._running):
+                    self._cond.wait()
+                if self._closed and not self._running:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        outputs: dict[int, StepOutput] = {}
+        with self._cond:
+            self.steps += 1
+            cancelled = [s for s in self._running if s.cancel_requested]
+            for sequence in cancelled:
+                sequence.finish(FinishReason.CANCELLED)
+                outputs[sequence.key] = StepOutput(sequence)
+            self._admit()
+            chunks = self._plan_prefill()
+        self._leave(cancelled)
+        try:
+            self._prefill(chunks, outputs)
+        except Exception as exc:  # a failed prefill fails its own sequences only
+            log.exception("prefill failed; ending the %d sequences it fed", len(chunks))
+            self._fail({c.key for c in chunks}, exc, outputs)
+        self._leave([s for s in self._running if s.finished])
+        try:
+            if any(s.phase is Phase.DECODING for s in self._running):
+                self._decode(outputs)
+            self._leave([s for s in self._running if s.finished])
+        except Exception as exc:  # a failed decode fails the batch, not the server
+            log.exception("decode step failed; ending the %d sequences in the batch", self.running)
+            self._runner.reset()
+            self._fail({s.key for s in self._running}, exc, outputs)
+        if outputs:
+            self._hand_over(list(outputs.values()))
+
+    def _hand_over(self, outputs: list[StepOutput]) -> None:
+        for output in outputs:
+            output.finished = output.sequence.finished
+        self._deliver(outputs)
+
+    def _admit(self) -> None:
+        limits = self._limits
+        while self._waiting and len(self._running) < limits.max_rows:
+            cost = self._waiting[0].prepared.token_cost
+            if self._tokens_admitted + cost > limits.max_batch_tokens:
+                break
+            sequence = self._waiting.popleft()
+            sequence.phase = Phase.PREFILLING
+            self._tokens_admitted += cost
+            self._running.append(sequence)
+
+    def _plan_prefill(self) -> list[PrefillChunk]:
+        """Prompt work for this step, within the prefill budget, oldest first.
+
+        A prompt that fits the chunk size is fed whole (with others, as one
+        padded batch); a longer one is split into chunks of the budget. While no
+        row is decoding there is nobody to keep waiting, so every admitted
+        prompt is fed at once.
+        """
+        decoding = any(s.phase is Phase.DECODING for s in self._running)
+        budget = self._limits.prefill_chunk if decoding else None
+        chunks: list[PrefillChunk] = []
+        for sequence in self._running:
+            if sequence.phase is not Phase.PREFILLING:
+                continue
+            remaining = sequence.prompt_length - sequence.prefilled
+            if budget is not None and budget <= 0:
+                break
+            if budget is None or remaining <= budget:
+                take = remaining
+            elif sequence.prefilled or sequence.prompt_length > self._limits.prefill_chunk:
+                take = budget  # only prompts longer than a chunk are split
+            else:
+                break  # a short prompt waits for a step with room for all of it
+            chunks.append(
+                PrefillChunk(
+                    sequence.key, sequence.prepared, sequence.prefilled, sequence.prefilled + take
+                )
+            )
+            if budget is not None:
+                budget -= take
+        return chunks
+
+    def _prefill(self, chunks: list[PrefillChunk], outputs: dict[int, StepOutput]) -> None:
+        if not chunks:
+            return
+        by_key = {s.key: s for s in self._running}
+        first_tokens = self._runner.prefill(chunks)
+        now = time.monotonic()
+        for chunk, token in zip(chunks, first_tokens, strict=True):
+            sequence = by_key[chunk.key]
+            sequence.prefilled = chunk.end
+            if token is not None:
+                sequence.phase = Phase.DECODING
+                self._emit(sequence, token, now, outputs)
+
+    def _decode(self, outputs: dict[int, StepOutput]) -> None:
+        by_key = {s.key: s for s in self._running}
+        produced = self._runner.decode()
+        now = time.monotonic()
+        for key, token in produced:
+            self._emit(by_key[key], token, now, outputs)
+
+    @staticmethod
+    def _emit(sequence: Sequence, token: int, now: float, outputs: dict[int, StepOutput]) -> None:
+        output = outputs.get(sequence.key)
+        if output is None:
+            output = outputs[sequence.key] = StepOutput(sequence)
+        previous = sequence.last_token_at
+        output.events.append(sequence.accept(token, now))
+        if previous is None:
+            output.first_token_s = now - sequence.submitted_at
+        else:
+            output.inter_token_s.append(now - previous)
+
+    def _leave(self, leaving: list[Sequence]) -> None:
+        if not leaving:
+            return
+        self._runner.remove({s.key for s in leaving})
+        gone = set(map(id, leaving))
+        with self._cond:
+            self._running = [s for s in self._running if id(s) not in gone]
+            for sequence in leaving:
+                self._tokens_admitted -= sequence.prepared.token_cost
+                sequence.freed_step = self.steps
+
+    def _fail(self, keys: set[int], exc: Exception, outputs: dict[int, StepOutput]) -> None:
+        failed = [s for s in self._running if s.key in keys]
+        for sequence in failed:
+            if not sequence.finished:
+                sequence.finish(None, exc)
+            outputs.setdefault(sequence.key, StepOutput(sequence))
+        self._leave(failed)
