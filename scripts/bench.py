@@ -1,10 +1,25 @@
-"""Throughput and latency of the server against plain transformers ``generate``.
+"""Continuous batching benchmark: StreamPredict streams against plain transformers ``generate``.
 
-Starts a server on the given model (default: the embedded SmolLM2-135M-Instruct)
-on a free port, or uses ``--target``, and prints one table. Compare the ratios
-within one run: these machines are shared and noisy.
+One run measures, with the same weights (the embedded SmolLM2-135M-Instruct, fp32, greedy):
 
-    .venv/bin/python scripts/bench.py [--tokens 64] [--concurrency 4] [--batch 16]
+- baselines: plain ``generate`` at batch 1 (and the prefill time of one prompt), and padded
+  static ``generate`` (left padding) at batch 8, 32 and 64 on the same prompts the server
+  gets, counting the tokens each row really generates (up to its end-of-sequence);
+- the server, over real gRPC streams: 1, 8, 32 and 64 streams started at once, 64 streams
+  with mixed max_tokens, and a burst of 32 new streams into 32 running ones;
+
+then prints a markdown table and a PASS/FAIL check of the targets (informational: the exit
+status is 0 either way), and writes a plot (``--plot``, default ``bench.png``).
+
+It starts a server on a free port with the server's default flags plus any ``--server-arg``
+(``--server-arg=--max-queue=64``), or uses ``--target``. The baselines run afterwards in a
+process of their own: a model loaded beside the server keeps its OpenMP threads spinning
+and slows the server about 3x on a small machine, so the two never run at once. Compare
+ratios within one run: these machines are shared and noisy.
+
+    .venv/bin/python scripts/bench.py [--tokens 64] [--plot bench.png] [--no-baseline]
+    .venv/bin/python scripts/bench.py --quick        # 1 and 8 streams, 16 tokens, no burst
+    .venv/bin/python scripts/bench.py --target 127.0.0.1:50051
 """
 
 from __future__ import annotations
@@ -12,31 +27,354 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
+import multiprocessing
 import os
+import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any
 
-from llm_stream.client import InferenceClient, make_request
+import grpc
 
-PROMPT = "Write a long story about a dragon who learns to paint."
+from llm_stream.client import InferenceClient
+
+# Mixed lengths: 86, 39, 243, 47, 143, 39, 166 and 63 tokens after SmolLM2's chat template
+# (which alone is 30 tokens). Streams and batch rows take them in this order, cycling, so
+# batches of 8, 32 and 64 all hold the same mix. Each asks for a long answer: greedy
+# SmolLM2-135M runs every one of them to at least 192 tokens.
+PROMPTS: tuple[str, ...] = (
+    "You are helping a small bakery write its website. The bakery opened in 1998, bakes "
+    "sourdough bread every morning, sells cinnamon rolls on weekends and donates unsold "
+    "bread to a shelter. Write a warm, detailed 'About us' page for it.",
+    "Tell me a long story about a dragon.",
+    "Here are my notes from a meeting about moving our team's services to a new cloud "
+    "provider. We run twelve services; four are stateless web frontends, five are "
+    "background workers that read from a queue, two are databases (one PostgreSQL, one "
+    "Redis) and one is a batch job that runs every night and takes about three hours. "
+    "The current provider's contract ends in nine months. The new provider is cheaper "
+    "for compute but more expensive for network egress, and most of our egress comes "
+    "from the nightly batch job exporting reports to customers. Two engineers can work "
+    "on the migration half time; the rest of the team is busy with a product launch in "
+    "four months. We have no experience with the new provider's managed database, and "
+    "the PostgreSQL database is 2 TB with about 50 GB of writes per day. Security wants "
+    "every service behind the new provider's private network before any customer data "
+    "moves. Finance wants to know the monthly cost after the move. Write a migration plan "
+    "with phases, risks and a rough timeline.",
+    "Explain step by step how a bicycle works, from the pedals to the wheels.",
+    "I am learning to cook and I have the following in my kitchen: rice, onions, garlic, "
+    "two carrots, a can of chickpeas, a can of tomatoes, olive oil, salt, pepper, cumin, "
+    "paprika, a lemon and some fresh parsley. I have a stove, one large pan and one pot, "
+    "but no oven. I would like a filling dinner for two people that takes less than an "
+    "hour and does not waste anything. Suggest a recipe, list the steps in order, and "
+    "explain why each step matters so that I learn something while cooking.",
+    "Write a poem about the sea at night.",
+    "Our city council is debating whether to turn the main street into a pedestrian zone. "
+    "Supporters say that cafes and shops will get more customers, the air will be cleaner "
+    "and children will be safer. Shop owners worry that customers who drive will go to "
+    "the shopping centre outside town instead, and that deliveries will be harder. "
+    "Residents of the side streets fear that traffic will move onto their streets. The "
+    "bus company says two bus lines would need new routes. A similar change in a "
+    "neighbouring town five years ago was first unpopular and is now widely liked, but "
+    "that town is smaller and has a train station in the centre. Write a balanced "
+    "newspaper article that explains the arguments on each side.",
+    "Describe the water cycle in detail for a class of ten-year-olds, with examples "
+    "from everyday life they will recognise, such as puddles and clouds.",
+)
+
+STREAM_TIMEOUT_S = 900.0  # the deadline of every stream
+READY_TIMEOUT_S = 600.0  # the first start converts the GGUF model (about 20 s on 2 cores)
+# Burst scenario: BURST_RUNNING streams of 3x --tokens run; once each has STEADY_MIN_TOKENS
+# tokens, the steady window lasts until each has STEADY_WINDOW_TOKENS more; then BURST_NEW
+# streams of --tokens start at once, and the burst window lasts until each has its first token.
+BURST_RUNNING = 32
+BURST_NEW = 32
+STEADY_MIN_TOKENS = 10
+STEADY_WINDOW_TOKENS = 16
+STEADY_TIMEOUT_S = 120.0  # per wait; an engine that queues instead of batching gets there late
+BURST_TIMEOUT_S = 300.0
+
+
+def note(message: str) -> None:
+    """Progress on stderr, so that stdout holds only the report."""
+    sys.stderr.write(f"[bench] {message}\n")
+    sys.stderr.flush()
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0 to 100) with linear interpolation; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+# -- workloads -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``streams`` streams (or batch rows) at once: PROMPTS and ``limits`` cycled over them.
+
+    ``rounds`` repeats it one after another (the single stream, to steady a tiny sample).
+    """
+
+    label: str
+    streams: int
+    limits: tuple[int, ...]
+    rounds: int = 1
+
+    @property
+    def mixed(self) -> bool:
+        return len(set(self.limits)) > 1
+
+    def prompts(self) -> list[str]:
+        return [PROMPTS[i % len(PROMPTS)] for i in range(self.streams)]
+
+    def max_tokens(self) -> list[int]:
+        return [self.limits[i % len(self.limits)] for i in range(self.streams)]
+
+
+def plan(tokens: int, quick: bool) -> list[Workload]:
+    counts = (1, 8) if quick else (1, 8, 32, 64)
+    workloads = [
+        Workload(f"{n} stream{'s' if n > 1 else ''}", n, (tokens,), rounds=3 if n == 1 else 1)
+        for n in counts
+    ]
+    if not quick:
+        mixed = (max(1, tokens // 4), max(1, tokens // 2), tokens, tokens * 2)
+        workloads.append(Workload("64 streams, mixed max_tokens", 64, mixed))
+    return workloads
+
+
+# -- server side ---------------------------------------------------------------------------
 
 
 @dataclass
-class Row:
-    scenario: str
-    requests: int
-    tokens: int
-    seconds: float
-    ttft_ms: float | None
+class StreamResult:
+    """What the client saw of one StreamPredict call (times from time.perf_counter)."""
+
+    sent: float = 0.0
+    arrivals: list[float] = field(default_factory=list)  # one per non-final token message
+    completion_tokens: int = 0  # from the final message's usage
+    ended: float = 0.0
+    done: bool = False
+    code: str | None = None  # the gRPC status name when the call failed
 
     @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds
+    def tokens(self) -> int:
+        return self.completion_tokens or len(self.arrivals)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return (self.arrivals[0] - self.sent) * 1000 if self.arrivals else None
+
+
+def itl_ms(
+    results: Sequence[StreamResult],
+    *,
+    ends_after: float = -math.inf,
+    ends_by: float = math.inf,
+    starts_before: float = math.inf,
+) -> list[float]:
+    """Gaps between consecutive token arrivals within each stream, pooled, in ms.
+
+    Only gaps whose later arrival is in (ends_after, ends_by] and whose earlier arrival is
+    before starts_before count: the defaults take every gap.
+    """
+    return [
+        (later - earlier) * 1000
+        for result in results
+        for earlier, later in pairwise(result.arrivals)
+        if ends_after < later <= ends_by and earlier < starts_before
+    ]
+
+
+async def one_stream(
+    client: InferenceClient, prompt: str, max_tokens: int, result: StreamResult
+) -> None:
+    result.sent = time.perf_counter()
+    try:
+        async for token in client.stream(
+            prompt, max_tokens=max_tokens, temperature=0.0, timeout=STREAM_TIMEOUT_S
+        ):
+            if token.is_final:
+                result.completion_tokens = token.usage.completion_tokens
+            else:
+                result.arrivals.append(time.perf_counter())
+    except grpc.aio.AioRpcError as exc:
+        result.code = exc.code().name
+    finally:
+        result.ended = time.perf_counter()
+        result.done = True
+
+
+def start_streams(
+    client: InferenceClient, prompts: Sequence[str], limits: Sequence[int]
+) -> tuple[list[StreamResult], list[asyncio.Task[None]]]:
+    results = [StreamResult() for _ in prompts]
+    tasks = [
+        asyncio.create_task(one_stream(client, prompt, limit, result))
+        for prompt, limit, result in zip(prompts, limits, results, strict=True)
+    ]
+    return results, tasks
+
+
+@dataclass
+class ScenarioResult:
+    workload: Workload
+    streams: list[StreamResult]
+    seconds: float  # summed over rounds: from the start to the end of the last stream
+
+    @property
+    def rejected(self) -> int:
+        return sum(s.code == "RESOURCE_EXHAUSTED" for s in self.streams)
+
+    @property
+    def errors(self) -> list[str]:
+        return [s.code for s in self.streams if s.code and s.code != "RESOURCE_EXHAUSTED"]
+
+
+async def run_scenario(client: InferenceClient, workload: Workload) -> ScenarioResult:
+    note(f"server: {workload.label} (max_tokens {'/'.join(map(str, workload.limits))})")
+    streams: list[StreamResult] = []
+    seconds = 0.0
+    for _ in range(workload.rounds):
+        started = time.perf_counter()
+        results, tasks = start_streams(client, workload.prompts(), workload.max_tokens())
+        await asyncio.gather(*tasks)
+        seconds += max(r.ended for r in results) - started
+        streams.extend(results)
+    return ScenarioResult(workload, streams, seconds)
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` every 10 ms; False if it is still false after ``timeout`` s."""
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        if time.perf_counter() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@dataclass
+class BurstResult:
+    running: list[StreamResult]
+    new: list[StreamResult]
+    steady: tuple[float, float]  # the steady window (perf_counter start, end)
+    burst: tuple[float, float]  # from the burst start to the last new stream's first token
+    steady_reached: bool
+    burst_complete: bool
+    running_tokens: int
+    new_tokens: int
+
+    def steady_itl(self) -> list[float]:
+        return itl_ms(self.running, ends_after=self.steady[0], ends_by=self.steady[1])
+
+    def burst_itl(self) -> list[float]:
+        # Every gap the burst window overlaps, the one that ends after it included.
+        return itl_ms(self.running, ends_after=self.burst[0], starts_before=self.burst[1])
+
+    def new_ttft(self) -> list[float]:
+        return [t for s in self.new if (t := s.ttft_ms) is not None]
+
+    def codes(self) -> list[str]:
+        return [s.code for s in self.running + self.new if s.code]
+
+
+async def run_burst(client: InferenceClient, tokens: int) -> BurstResult:
+    running_tokens = 3 * tokens
+    note(f"server: burst, {BURST_RUNNING} running streams (max_tokens {running_tokens})")
+    running_prompts = [PROMPTS[i % len(PROMPTS)] for i in range(BURST_RUNNING)]
+    running, tasks = start_streams(client, running_prompts, [running_tokens] * BURST_RUNNING)
+    steady_reached = await wait_until(
+        lambda: all(s.done or len(s.arrivals) >= STEADY_MIN_TOKENS for s in running),
+        STEADY_TIMEOUT_S,
+    )
+    steady_start = time.perf_counter()
+    counts = [len(s.arrivals) for s in running]
+    await wait_until(
+        lambda: all(
+            s.done or len(s.arrivals) >= n + STEADY_WINDOW_TOKENS
+            for s, n in zip(running, counts, strict=True)
+        ),
+        STEADY_TIMEOUT_S,
+    )
+    burst_start = time.perf_counter()
+    note(f"server: burst, {BURST_NEW} new streams (max_tokens {tokens})")
+    new_prompts = [PROMPTS[i % len(PROMPTS)] for i in range(BURST_NEW)]
+    new, new_tasks = start_streams(client, new_prompts, [tokens] * BURST_NEW)
+    burst_complete = await wait_until(
+        lambda: all(s.done or s.arrivals for s in new), BURST_TIMEOUT_S
+    )
+    burst_end = max((s.arrivals[0] if s.arrivals else s.ended) for s in new)
+    if not burst_complete:
+        burst_end = time.perf_counter()
+    # The gap each running stream is in at the burst's end counts: wait for its next token.
+    await wait_until(
+        lambda: all(s.done or (s.arrivals and s.arrivals[-1] > burst_end) for s in running),
+        STEADY_TIMEOUT_S,
+    )
+    for task in tasks + new_tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, *new_tasks, return_exceptions=True)
+    return BurstResult(
+        running,
+        new,
+        (steady_start, burst_start),
+        (burst_start, burst_end),
+        steady_reached,
+        burst_complete,
+        running_tokens,
+        tokens,
+    )
+
+
+@dataclass
+class ServerResults:
+    target: str
+    scenarios: list[ScenarioResult]
+    burst: BurstResult | None
+
+
+async def wait_ready(client: InferenceClient, process: subprocess.Popen[bytes] | None) -> None:
+    """Wait for SERVING; fail at once if the server process exits first."""
+    ready = asyncio.create_task(client.wait_ready(timeout=READY_TIMEOUT_S))
+    while not ready.done():
+        if process is not None and process.poll() is not None:
+            ready.cancel()
+            raise SystemExit(f"the server exited with status {process.returncode} before ready")
+        await asyncio.wait({ready}, timeout=0.5)
+    await ready
+
+
+async def measure_server(
+    target: str,
+    process: subprocess.Popen[bytes] | None,
+    workloads: Sequence[Workload],
+    tokens: int,
+    burst: bool,
+) -> ServerResults:
+    async with InferenceClient(target) as client:
+        note(f"waiting for {target} to report SERVING")
+        await wait_ready(client, process)
+        note("warm-up: 3 short streams")
+        _, warm = start_streams(client, PROMPTS[:2], [4, 4])
+        await asyncio.gather(*warm)
+        await one_stream(client, PROMPTS[0], 8, StreamResult())
+        scenarios = [await run_scenario(client, w) for w in workloads]
+        return ServerResults(target, scenarios, await run_burst(client, tokens) if burst else None)
 
 
 def free_port() -> int:
@@ -46,71 +384,67 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(model: str, concurrency: int) -> Iterator[str]:
+def server(model: str, extra: Sequence[str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A server on a free port with its default flags, plus ``extra``."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llm_stream.serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--model",
-            model,
-            "--max-concurrent",
-            str(concurrency),
-            "--log-level",
-            "WARNING",
-        ],
-        env=os.environ.copy(),
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "llm_stream.serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model,
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    note("starting " + shlex.join(command[1:]))
+    process = subprocess.Popen(command, env=os.environ.copy())
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", process
     finally:
         process.terminate()
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
-async def one_stream(client: InferenceClient, tokens: int) -> tuple[int, float]:
-    started = time.perf_counter()
-    first: float | None = None
-    count = 0
-    async for token in client.stream(PROMPT, max_tokens=tokens):
-        if token.is_final:
-            count = token.usage.completion_tokens
-        elif first is None:
-            first = time.perf_counter() - started
-    return count, (first or 0.0) * 1000
+# -- baselines (in a process of their own) -------------------------------------------------
 
 
-async def streams(client: InferenceClient, n: int, tokens: int) -> Row:
-    started = time.perf_counter()
-    results = await asyncio.gather(*(one_stream(client, tokens) for _ in range(n)))
-    elapsed = time.perf_counter() - started
-    return Row(
-        f"StreamPredict x{n} concurrent",
-        n,
-        sum(r[0] for r in results),
-        elapsed,
-        statistics.median(r[1] for r in results),
-    )
+@dataclass(frozen=True)
+class Timed:
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
 
-async def batch(client: InferenceClient, n: int, tokens: int) -> Row:
-    requests = [make_request(PROMPT, max_tokens=tokens) for _ in range(n)]
-    started = time.perf_counter()
-    response = await client.batch(requests)
-    elapsed = time.perf_counter() - started
-    total = sum(r.response.usage.completion_tokens for r in response.results)
-    return Row(f"BatchPredict of {n}", n, total, elapsed, None)
+@dataclass(frozen=True)
+class Baselines:
+    prefill_ms: float  # median time of generate(max_new_tokens=1) on PROMPTS[0]
+    runs: dict[str, Timed]  # by workload label
 
 
-def plain_generate(tokens: int) -> Row:
-    """The baseline: transformers generate, batch 1, no server, same weights."""
+def generated(row: Sequence[int], limit: int, eos_ids: frozenset[int]) -> int:
+    """Tokens a row really generated: up to its first end-of-sequence (counted), or limit."""
+    for index, token in enumerate(row[:limit]):
+        if token in eos_ids:
+            return index + 1
+    return len(row[:limit])
+
+
+def run_baselines(workloads: Sequence[Workload]) -> Baselines:
+    """Plain and padded static ``generate`` for each workload, in this process."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from llm_stream.model.loader import _converted_gguf
     from llm_stream.model.sources import embedded_gguf_path
@@ -118,65 +452,421 @@ def plain_generate(tokens: int) -> Row:
 
     folder, _ = _converted_gguf(embedded_gguf_path(), default_cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    model.generate(**ids, max_new_tokens=2, do_sample=False)  # warm-up
-    started = time.perf_counter()
-    out = model.generate(**ids, max_new_tokens=tokens, do_sample=False)
-    elapsed = time.perf_counter() - started
-    return Row(
-        "plain generate, batch 1 (baseline)",
-        1,
-        out.shape[1] - ids["input_ids"].shape[1],
-        elapsed,
-        None,
-    )
+    # The end-of-sequence and pad tokens the server uses (llm_stream.model.backend).
+    eos = model.generation_config.eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(int(tokenizer.eos_token_id))
+    pad = tokenizer.pad_token_id
+    pad_id = int(pad if pad is not None else min(eos_ids))
+
+    def generate(prompts: Sequence[str], limits: Sequence[int]) -> Timed:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        config = GenerationConfig(
+            max_new_tokens=max(limits),
+            do_sample=False,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=pad_id,
+        )
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**batch, generation_config=config)
+        seconds = time.perf_counter() - started
+        rows = out[:, batch["input_ids"].shape[1] :].tolist()
+        tokens = sum(
+            generated(row, limit, frozenset(eos_ids))
+            for row, limit in zip(rows, limits, strict=True)
+        )
+        return Timed(tokens, seconds)
+
+    generate(PROMPTS[:2], [2, 2])  # warm-up
+    prefill = statistics.median(generate(PROMPTS[:1], [1]).seconds for _ in range(5))
+    runs: dict[str, Timed] = {}
+    for workload in workloads:
+        what = "plain" if workload.streams == 1 else "static"
+        note(f"baseline: {what} generate, batch {workload.streams}, {workload.label}")
+        timed = [
+            generate(workload.prompts(), workload.max_tokens()) for _ in range(workload.rounds)
+        ]
+        runs[workload.label] = Timed(sum(t.tokens for t in timed), sum(t.seconds for t in timed))
+    return Baselines(prefill * 1000, runs)
 
 
-async def run(args: argparse.Namespace, target: str) -> list[Row]:
-    async with InferenceClient(target) as client:
-        await client.wait_ready(timeout=300)
-        await one_stream(client, 2)
-        rows = [await streams(client, 1, args.tokens)]
-        rows.append(await streams(client, args.concurrency, args.tokens))
-        rows.append(await batch(client, args.concurrency, args.tokens))
-        rows.append(await batch(client, args.batch, args.tokens))
+def baselines_in_subprocess(workloads: Sequence[Workload]) -> Baselines:
+    """run_baselines in a fresh process that exits (with its OpenMP threads) when done."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(run_baselines, list(workloads)).result()
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    streams: int
+    tokens: int
+    seconds: float
+    static_tokens_per_s: float | None = None
+    ttft: tuple[float | None, float | None] = (None, None)  # p50, p95 in ms
+    itl: tuple[float | None, float | None] = (None, None)
+    rejected: int | None = None
+    errors: int | None = None
+    mixed: bool = False  # max_tokens differ between streams
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.static_tokens_per_s:
+            return None
+        return self.tokens_per_s / self.static_tokens_per_s
+
+
+def baseline_rows(workloads: Sequence[Workload], baselines: Baselines) -> list[Row]:
+    rows = []
+    for workload in workloads:
+        timed = baselines.runs[workload.label]
+        if workload.streams == 1:
+            name = "plain generate, batch 1"
+            ttft: tuple[float | None, float | None] = (baselines.prefill_ms, None)
+        else:
+            name = f"static generate, batch {workload.streams}"
+            name += ", mixed max_tokens" if workload.mixed else ""
+            ttft = (None, None)
+        rows.append(
+            Row(
+                name,
+                workload.streams,
+                timed.tokens,
+                timed.seconds,
+                ttft=ttft,
+                mixed=workload.mixed,
+            )
+        )
     return rows
+
+
+def server_row(result: ScenarioResult, baselines: Baselines | None) -> Row:
+    streams = result.streams
+    ttfts = [t for s in streams if (t := s.ttft_ms) is not None]
+    itls = itl_ms(streams)
+    static = baselines.runs.get(result.workload.label) if baselines else None
+    return Row(
+        f"server, {result.workload.label}",
+        result.workload.streams,
+        sum(s.tokens for s in streams),
+        result.seconds,
+        static.tokens_per_s if static else None,
+        (percentile(ttfts, 50), percentile(ttfts, 95)),
+        (percentile(itls, 50), percentile(itls, 95)),
+        result.rejected,
+        len(result.errors),
+        result.workload.mixed,
+    )
+
+
+def cell(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| scenario | streams (batch) | tokens | seconds | tokens/s | x static | TTFT p50 ms "
+        "| TTFT p95 ms | ITL p50 ms | ITL p95 ms | rejected | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.scenario} | {row.streams} | {row.tokens} | {row.seconds:.2f} "
+            f"| {row.tokens_per_s:.1f} | {cell(row.ratio, 2)} | {cell(row.ttft[0])} "
+            f"| {cell(row.ttft[1])} | {cell(row.itl[0], 1)} | {cell(row.itl[1], 1)} "
+            f"| {cell(row.rejected)} | {cell(row.errors)} |"
+        )
+    return lines
+
+
+def burst_lines(burst: BurstResult) -> list[str]:
+    steady, spike = burst.steady_itl(), burst.burst_itl()
+    new_ttft = burst.new_ttft()
+    lines = [
+        f"Burst: {BURST_NEW} new streams (max_tokens {burst.new_tokens}) into "
+        f"{BURST_RUNNING} running ones (max_tokens {burst.running_tokens}).",
+        "",
+        "| window | seconds | running ITL p50 ms | running ITL p95 ms | gaps |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, window, gaps in (("steady", burst.steady, steady), ("burst", burst.burst, spike)):
+        lines.append(
+            f"| {name} | {window[1] - window[0]:.2f} | {cell(percentile(gaps, 50), 1)} "
+            f"| {cell(percentile(gaps, 95), 1)} | {len(gaps)} |"
+        )
+    steady_p95, burst_p95 = percentile(steady, 95), percentile(spike, 95)
+    ratio = burst_p95 / steady_p95 if burst_p95 is not None and steady_p95 else None
+    codes = burst.codes()
+    lines += [
+        "",
+        f"- burst/steady ITL p95: {cell(ratio, 2)}x",
+        f"- new streams' TTFT p50 {cell(percentile(new_ttft, 50))} ms, "
+        f"p95 {cell(percentile(new_ttft, 95))} ms",
+        f"- rejected {codes.count('RESOURCE_EXHAUSTED')}, "
+        f"other errors {len(codes) - codes.count('RESOURCE_EXHAUSTED')}",
+    ]
+    if not burst.steady_reached:
+        lines.append(f"- steady state not reached within {STEADY_TIMEOUT_S:g} s")
+    if not burst.burst_complete:
+        lines.append(f"- not every new stream had a token within {BURST_TIMEOUT_S:g} s")
+    return lines
+
+
+def check(ok: bool | None, text: str) -> str:
+    verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+    return f"- {verdict}: {text}"
+
+
+def targets(results: ServerResults, rows: dict[str, Row], baselines: Baselines | None) -> list[str]:
+    lines = ["Targets (informational):", ""]
+    one, plain = rows.get("server, 1 stream"), rows.get("plain generate, batch 1")
+    if one and plain:
+        ratio = one.tokens_per_s / plain.tokens_per_s
+        lines.append(
+            check(
+                ratio >= 0.95,
+                f"1 stream {one.tokens_per_s:.1f} tokens/s >= 0.95x plain generate batch 1 "
+                f"{plain.tokens_per_s:.1f} tokens/s ({ratio:.2f}x)",
+            )
+        )
+    else:
+        lines.append(check(None, "1 stream >= 0.95x plain generate batch 1 (not measured)"))
+    if one and one.ttft[0] is not None and baselines:
+        limit = baselines.prefill_ms + 15
+        lines.append(
+            check(
+                one.ttft[0] <= limit,
+                f"1-stream TTFT p50 {one.ttft[0]:.0f} ms <= plain prefill "
+                f"{baselines.prefill_ms:.0f} ms + 15 ms",
+            )
+        )
+    else:
+        lines.append(check(None, "1-stream TTFT <= plain prefill + 15 ms (not measured)"))
+    row32 = rows.get("server, 32 streams")
+    if row32 and row32.ratio is not None and row32.ttft[1] is not None:
+        ratio, p95 = row32.ratio, row32.ttft[1]
+        lines.append(
+            check(
+                ratio >= 0.8 and p95 <= 2000,
+                f"32 streams {row32.tokens_per_s:.1f} tokens/s >= 0.8x static batch 32 "
+                f"({ratio:.2f}x) and TTFT p95 {p95:.0f} ms <= 2000 ms",
+            )
+        )
+    else:
+        lines.append(check(None, "32 streams >= 0.8x static batch 32, TTFT p95 <= 2 s"))
+    sixty_four = [r for r in results.scenarios if r.workload.streams == 64]
+    if sixty_four:
+        rejected = sum(r.rejected for r in sixty_four)
+        lines.append(
+            check(
+                rejected == 0,
+                f"64 streams: {rejected} rejected "
+                f"(in {', '.join(r.workload.label for r in sixty_four)})",
+            )
+        )
+    else:
+        lines.append(check(None, "64 streams: none rejected (not measured)"))
+    if results.burst:
+        steady = percentile(results.burst.steady_itl(), 95)
+        spike = percentile(results.burst.burst_itl(), 95)
+        if steady and spike is not None:
+            lines.append(
+                check(
+                    spike <= 3 * steady,
+                    f"burst ITL p95 {spike:.1f} ms <= 3x steady p95 {steady:.1f} ms "
+                    f"({spike / steady:.2f}x)",
+                )
+            )
+        else:
+            lines.append(check(None, "burst ITL p95 <= 3x steady (no gaps measured)"))
+    else:
+        lines.append(check(None, "burst ITL p95 <= 3x steady (no burst scenario)"))
+    return lines
+
+
+def plot(
+    path: str, generate: Sequence[Row], served: Sequence[Row], burst: BurstResult | None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter, NullLocator
+
+    def uniform(rows: Sequence[Row]) -> list[Row]:
+        return [r for r in rows if not r.mixed]
+
+    figure, axes = plt.subplots(2, 2, figsize=(12, 9))
+    ax: Any = axes[0][0]
+    for rows, style, color, label in (
+        (served, "o-", "C0", "server"),
+        (generate, "s--", "C1", "generate"),
+    ):
+        ax.plot(
+            [r.streams for r in uniform(rows)],
+            [r.tokens_per_s for r in uniform(rows)],
+            style,
+            color=color,
+            label=label,
+        )
+        for r in rows:
+            if r.mixed:
+                ax.plot(
+                    [r.streams],
+                    [r.tokens_per_s],
+                    style[0],
+                    color=color,
+                    mfc="none",
+                    label=f"{label}, mixed max_tokens",
+                )
+    ax.set(title="aggregate throughput", ylabel="tokens/s", ylim=(0, None))
+    for ax, key, title in (
+        (axes[0][1], "ttft", "time to first token (server, client-side)"),
+        (axes[1][0], "itl", "inter-token latency (server, client-side)"),
+    ):
+        for index, label in ((0, "p50"), (1, "p95")):
+            points = [(r.streams, getattr(r, key)[index]) for r in uniform(served)]
+            points = [(x, y) for x, y in points if y is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], "o-", label=label)
+        if key == "ttft":
+            for r in generate:
+                if r.ttft[0] is not None:
+                    ax.plot([r.streams], [r.ttft[0]], "s", color="C2", label="plain prefill")
+        ax.set(title=title, ylabel="ms", yscale="log")
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ticks = sorted({r.streams for r in [*generate, *served]})
+    for ax in (axes[0][0], axes[0][1], axes[1][0]):
+        ax.set(xlabel="concurrent streams (batch size for generate)", xscale="log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend()
+        ax.grid(alpha=0.3)
+    ax = axes[1][1]
+    if burst:
+        windows = {"steady": burst.steady_itl(), "burst": burst.burst_itl()}
+        for offset, q in ((-0.2, 50), (0.2, 95)):
+            values = [percentile(v, q) or 0.0 for v in windows.values()]
+            ax.bar([i + offset for i in range(2)], values, width=0.4, label=f"p{q}")
+        ax.set_xticks([0, 1], list(windows))
+        ax.set(
+            title=f"ITL of {BURST_RUNNING} running streams when {BURST_NEW} new ones start",
+            ylabel="ms",
+        )
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no burst scenario", ha="center", va="center")
+        ax.set_axis_off()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def report(
+    args: argparse.Namespace,
+    workloads: Sequence[Workload],
+    results: ServerResults,
+    baselines: Baselines | None,
+    load_at_start: float,
+) -> None:
+    generate = baseline_rows(workloads, baselines) if baselines else []
+    served = [server_row(r, baselines) for r in results.scenarios]
+    rows = generate + served
+    served_model = "its default model" if args.target else f"model {args.model}"
+    lines = [
+        f"Server {results.target}, {served_model}; greedy, max_tokens "
+        f"{args.tokens}; baselines: embedded SmolLM2-135M-Instruct, fp32. {os.cpu_count()} "
+        f"CPUs, load average {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} now.",
+        "",
+        *table(rows),
+        "",
+        "x static: server tokens/s over generate's at the same batch size (1 stream: plain "
+        "generate); tokens/s = completion tokens / wall time to the last stream's end. "
+        "TTFT: request sent to first token, client-side (plain generate: "
+        "generate(max_new_tokens=1) on the 1-stream prompt). ITL: gaps between consecutive "
+        "tokens of a stream, pooled. The 1-stream rows are 3 runs one after another, summed. "
+        "Static generate counts each row's tokens up to its "
+        "end-of-sequence or its own max_tokens, but runs the batch to the largest max_tokens.",
+    ]
+    errors = [code for r in results.scenarios for code in r.errors]
+    if errors:
+        counts = {code: errors.count(code) for code in sorted(set(errors))}
+        lines.append("Errors: " + ", ".join(f"{c} x{n}" for c, n in counts.items()))
+    if results.burst:
+        lines += ["", *burst_lines(results.burst)]
+    by_name = {r.scenario: r for r in rows}
+    lines += ["", *targets(results, by_name, baselines)]
+    plot(args.plot, generate, served, results.burst)
+    lines += ["", f"Plot: {args.plot}"]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--target", help="use a running server instead of starting one")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--model", default="embedded", help="the served model (default embedded)")
+    parser.add_argument(
+        "--target",
+        help="use a running server (host:port) instead of starting one; the baselines "
+        "assume it serves the embedded model",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag(s) for the started server, split like a shell: "
+        "--server-arg=--max-queue=64 (repeatable)",
+    )
+    parser.add_argument("--tokens", type=int, help="max_tokens per stream (default 64, quick 16)")
+    parser.add_argument("--plot", default="bench.png", help="PNG to write (default bench.png)")
+    parser.add_argument("--quick", action="store_true", help="1 and 8 streams only, no burst")
+    parser.add_argument("--no-baseline", action="store_true", help="skip plain/static generate")
     args = parser.parse_args()
+    args.tokens = args.tokens or (16 if args.quick else 64)
+    if args.tokens < 1:
+        parser.error("--tokens must be at least 1")
+    load_at_start = os.getloadavg()[0]
+    workloads = plan(args.tokens, args.quick)
+    burst = not args.quick
+
+    def measure(target: str, process: subprocess.Popen[bytes] | None) -> ServerResults:
+        return asyncio.run(measure_server(target, process, workloads, args.tokens, burst))
+
     if args.target:
-        rows = asyncio.run(run(args, args.target))
+        if args.server_arg:
+            note("--server-arg is ignored with --target")
+        results = measure(args.target, None)
     else:
-        with server(args.model, args.concurrency) as target:
-            rows = asyncio.run(run(args, target))
-    # The baseline runs after the server has stopped: a model loaded in this process
-    # keeps its OpenMP threads spinning and would slow the server on a small machine.
-    if not args.no_baseline and args.model == "embedded":
-        rows.insert(0, plain_generate(args.tokens))
-    base = rows[0].tokens_per_s
-    lines = [
-        "| scenario | requests | tokens | seconds | tokens/s | x first row | median TTFT ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        ttft = f"{row.ttft_ms:.0f}" if row.ttft_ms is not None else "-"
-        lines.append(
-            f"| {row.scenario} | {row.requests} | {row.tokens} | {row.seconds:.2f} | "
-            f"{row.tokens_per_s:.1f} | {row.tokens_per_s / base:.2f} | {ttft} |"
-        )
-    sys.stdout.write("\n".join(lines) + "\n")
+        extra = [part for arg in args.server_arg for part in shlex.split(arg)]
+        with server(args.model, extra) as (target, process):
+            results = measure(target, process)
+    baselines = None
+    if args.no_baseline:
+        pass
+    elif args.model != "embedded":
+        note("no baseline: it loads the embedded model only")
+    else:
+        # Only now: the server has stopped (or, with --target, sits idle).
+        baselines = baselines_in_subprocess(workloads)
+    report(args, workloads, results, baselines, load_at_start)
 
 
 if __name__ == "__main__":
