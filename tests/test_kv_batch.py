@@ -1,0 +1,91 @@
+"""The shared left-padded cache: rows joining, leaving and chunked never change a row's logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_stream.model.kv_batch import (
+    KVBatch,
+    concatenate,
+    decode_step,
+    extend_row,
+    filter_rows,
+    forward_prompts,
+)
+
+CPU = torch.device("cpu")
+SHORT = [5, 9, 14]
+LONG = [7, 3, 22, 41, 8, 19, 30, 11, 42, 17, 6]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    return loaded.eval()
+
+
+@torch.inference_mode()
+def alone(model: Any, prompt: list[int], steps: int) -> list[torch.Tensor]:
+    """The logits of a row run by itself, greedy, for ``steps`` decode steps after prefill."""
+    batch, logits = forward_prompts(model, [prompt], 0, CPU)
+    out = [logits[0]]
+    for _ in range(steps):
+        logits = decode_step(model, batch, logits.argmax(-1))
+        out.append(logits[0])
+    return out
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_rows_that_join_and_leave_compute_what_they_compute_alone(model: Any) -> None:
+    short_alone, long_alone = alone(model, SHORT, 7), alone(model, LONG, 4)
+
+    batch, logits = forward_prompts(model, [SHORT], 0, CPU)
+    short = [logits[0]]
+    for _ in range(2):
+        logits = decode_step(model, batch, logits.argmax(-1))
+        short.append(logits[0])
+    # The long prompt joins mid-way: its cache is wider, so the short row gets padded.
+    joined, long_logits = forward_prompts(model, [LONG], 0, CPU)
+    batch = concatenate([batch, joined])
+    assert batch.rows == 2 and batch.width == max(len(SHORT) + 2, len(LONG))
+    long = [long_logits[0]]
+    tokens = torch.stack([short[-1].argmax(), long_logits[0].argmax()])
+    for _ in range(4):
+        logits = decode_step(model, batch, tokens)
+        short.append(logits[0])
+        long.append(logits[1])
+        tokens = logits.argmax(-1)
+    # The long row leaves; the short one goes on alone, its padding trimmed.
+    batch = filter_rows(batch, [0])
+    assert batch.width == len(SHORT) + 6
+    short.append(decode_step(model, batch, tokens[:1])[0])
+
+    assert all(close(a, b) for a, b in zip(short, short_alone, strict=True))
+    assert all(close(a, b) for a, b in zip(long, long_alone, strict=True))
+
+
+@torch.inference_mode()
+def test_padded_batch_prefill_equals_single_rows(model: Any) -> None:
+    batch, logits = forward_prompts(model, [SHORT, LONG], 0, CPU)
+    assert batch.positions.tolist() == [len(SHORT), len(LONG)]
+    assert close(logits[0], alone(model, SHORT, 0)[0])
+    assert close(logits[1], alone(model, LONG, 0)[0])
+
+
+@torch.inference_mode()
+def test_chunked_prefill_equals_whole_prefill(model: Any) -> None:
+    chunked: KVBatch
+    chunked, _ = forward_prompts(model, [LONG[:4]], 0, CPU)
+    extend_row(model, chunked, LONG[4:8])
+    last = extend_row(model, chunked, LONG[8:])
+    assert close(last[0], alone(model, LONG, 0)[0])
+    assert int(chunked.positions[0]) == len(LONG)
