@@ -127,6 +127,6 @@ class LLMStreamServer:
         # stop() refuses new RPCs, waits up to grace for running ones, then cancels them;
         # cancelled handlers set their stop signals, which ends their generations.
         await self._server.stop(grace)
-        self.engine.close()
+        await self.engine.close()
         self.metrics.close()
         log.info("stopped")

@@ -37,7 +37,7 @@ class Settings:
     max_concurrent: int = 64
     max_batch_tokens: int = 65536
     max_queue: int = 256
-    prefill_chunk: int = 256
+    prefill_chunk: int = 64
     max_batch_size: int = 32
     default_max_tokens: int = 256
     max_tokens_cap: int = 2048

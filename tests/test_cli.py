@@ -40,7 +40,7 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--default-max-tokens": ("17", "default_max_tokens", 17),
     "--max-tokens-cap": ("999", "max_tokens_cap", 999),
     "--max-batch-tokens": ("4096", "max_batch_tokens", 4096),
-    "--prefill-chunk": ("64", "prefill_chunk", 64),
+    "--prefill-chunk": ("32", "prefill_chunk", 32),
     "--drain-grace": ("2.5", "drain_grace_s", 2.5),
     "--max-message-mb": ("7", "max_message_bytes", 7 * MIB),
     "--keepalive-time": ("12", "keepalive_time_s", 12.0),

@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from llm_stream.model.kv_batch import (
     KVBatch,
-    concatenate,
+    append,
     decode_step,
     extend_row,
-    filter_rows,
     forward_prompts,
+    remove_rows,
 )
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def test_rows_that_join_and_leave_compute_what_they_compute_alone(model: Any) ->
         short.append(logits[0])
     # The long prompt joins mid-way: its cache is wider, so the short row gets padded.
     joined, long_logits = forward_prompts(model, [LONG], 0, CPU)
-    batch = concatenate([batch, joined])
+    append(batch, joined)
     assert batch.rows == 2 and batch.width == max(len(SHORT) + 2, len(LONG))
     long = [long_logits[0]]
     tokens = torch.stack([short[-1].argmax(), long_logits[0].argmax()])
@@ -65,7 +65,7 @@ def test_rows_that_join_and_leave_compute_what_they_compute_alone(model: Any) ->
         long.append(logits[1])
         tokens = logits.argmax(-1)
     # The long row leaves; the short one goes on alone, its padding trimmed.
-    batch = filter_rows(batch, [0])
+    assert remove_rows(batch, [1]) == [0]
     assert batch.width == len(SHORT) + 6
     short.append(decode_step(model, batch, tokens[:1])[0])
 
@@ -89,3 +89,29 @@ def test_chunked_prefill_equals_whole_prefill(model: Any) -> None:
     last = extend_row(model, chunked, LONG[8:])
     assert close(last[0], alone(model, LONG, 0)[0])
     assert int(chunked.positions[0]) == len(LONG)
+
+
+@torch.inference_mode()
+def test_leaving_rows_are_replaced_by_the_last_ones(model: Any) -> None:
+    prompts = [SHORT, LONG, [4, 4, 4, 4], [9, 8], [30, 31, 32, 33, 34]]
+    expected = [alone(model, p, 3) for p in prompts]
+    batch, logits = forward_prompts(model, prompts[:2], 0, CPU)
+    for prompt in prompts[2:]:  # joining one by one: the batch grows past its first rows
+        joined, more = forward_prompts(model, [prompt], 0, CPU)
+        append(batch, joined)
+        logits = torch.cat([logits, more])
+    rows = list(range(len(prompts)))
+    got: dict[int, list[torch.Tensor]] = {r: [logits[i]] for i, r in enumerate(rows)}
+    tokens = logits.argmax(-1)
+    for step in range(3):
+        logits = decode_step(model, batch, tokens)
+        for i, r in enumerate(rows):
+            got[r].append(logits[i])
+        tokens = logits.argmax(-1)
+        if step == 0:  # rows 0 and 2 leave: the last rows move into their slots
+            order = remove_rows(batch, [0, 2])
+            assert order == [3, 1, 4]
+            rows = [rows[i] for i in order]
+            tokens = tokens[order]
+    for r in rows:
+        assert all(close(a, b) for a, b in zip(got[r], expected[r], strict=True)), r

@@ -213,8 +213,8 @@ def test_token_budget_admits_what_fits_and_refuses_what_never_can() -> None:
 
 def test_prefill_is_bounded_while_others_decode() -> None:
     sched, runner, _ = scheduler(prefill_chunk=8)
-    running = sequence(max_tokens=100, name="running")
-    sched.submit(running)
+    running = [sequence(max_tokens=100, name=f"running{i}") for i in range(4)]
+    sched.submit(*running)
     sched.step()
     long = sequence(prompt_tokens=20, max_tokens=5, name="long")
     shorts = [sequence(prompt_tokens=5, max_tokens=5, name=f"s{i}") for i in range(3)]
@@ -222,12 +222,24 @@ def test_prefill_is_bounded_while_others_decode() -> None:
     for _ in range(6):
         sched.step()
     fed = runner.prefills[1:]
-    # At most 8 prompt tokens a step, and the running row decodes every step.
+    # As many wait as decode: at most a chunk (8 tokens) a step, and every
+    # running row decodes every step.
     assert all(sum(end - start for _, start, end in step) <= 8 for step in fed)
     long_chunks = [(s, e) for step in fed for key, s, e in step if key == long.key]
     assert long_chunks == [(0, 8), (8, 16), (16, 20)]
-    assert all(running.key in rows for rows in runner.decodes)
+    assert all(all(r.key in rows for r in running) for rows in runner.decodes)
     assert all(s.prefilled == s.prompt_length for s in [long, *shorts])
+
+
+def test_prefill_budget_grows_with_the_sequences_waiting_per_decoding_one() -> None:
+    sched, runner, _ = scheduler(prefill_chunk=8)
+    first = sequence(max_tokens=100, name="first")
+    sched.submit(first)
+    sched.step()
+    arrivals = [sequence(prompt_tokens=6, max_tokens=5) for _ in range(6)]
+    sched.submit(*arrivals)
+    sched.step()  # six wait per decoding row: 6 chunks of budget, all 36 tokens at once
+    assert runner.prefills[-1] == [(s.key, 0, 6) for s in arrivals]
 
 
 def test_with_nobody_decoding_every_admitted_prompt_is_fed_at_once() -> None:

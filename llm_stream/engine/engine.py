@@ -389,10 +389,22 @@ class Engine:
         for model in self._models.values():
             model.scheduler.cancel_all()
 
-    def close(self) -> None:
+    async def close(self, timeout_s: float = 60.0) -> None:
+        """Cancel everything and wait for each scheduler thread to finish its step.
+
+        A thread left inside a torch call when the interpreter exits aborts the
+        process, so the threads are joined (off the event loop) before it does.
+        """
         for model in self._models.values():
             model.scheduler.close()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        loop = asyncio.get_running_loop()
+        for model in self._models.values():
+            await loop.run_in_executor(None, model.thread.join, timeout_s)
+            if model.thread.is_alive():
+                log.warning(
+                    "the batch of %s did not stop within %.0f s", model.backend.model_id, timeout_s
+                )
 
 
 def _as_exception(outcome: BaseException) -> Exception:

@@ -5,11 +5,13 @@ thread. Each step:
 
 1. rows whose stream was cancelled (client gone, deadline, drain) are freed;
 2. waiting sequences are admitted while a row and the token budget allow;
-3. prompt work is fed, at most ``prefill_chunk`` tokens per step while other
-   rows are decoding, so a burst of arrivals never freezes running streams for
-   long (a longer prompt is split into chunks);
-4. every decoding row gets one more token in a single batched decode;
-5. finished rows leave, and the step's events go to the event loop in one hand-off.
+3. prompt work is fed within a budget (``prefill_chunk`` tokens while as many
+   rows decode as wait, more while more wait), so a burst of arrivals never
+   freezes running streams for long; a longer prompt is split into chunks.
+   The first tokens this produces go to the event loop at once;
+4. every decoding row gets one more token in a single batched decode, and
+   these tokens go to the event loop in one hand-off;
+5. finished rows leave.
 
 No torch here: the model's :class:`~llm_stream.engine.types.StepRunner` does
 the tensor work, so the scheduling rules are unit-tested with a fake runner.
@@ -40,7 +42,7 @@ class BatchLimits:
     # Sequences allowed to wait beyond the free rows; past it RESOURCE_EXHAUSTED.
     max_queue: int = 256
     # Prompt tokens fed per step while other rows decode.
-    prefill_chunk: int = 256
+    prefill_chunk: int = 64
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Scheduler:
             self.step()
 
     def step(self) -> None:
+        """One iteration: free cancelled rows, admit, prefill, decode; events out twice."""
         outputs: dict[int, StepOutput] = {}
         with self._cond:
             self.steps += 1
@@ -163,12 +166,35 @@ class Scheduler:
             self._admit()
             chunks = self._plan_prefill()
         self._leave(cancelled)
+        started = time.monotonic()
+        self._prefill_phase(chunks, outputs)
+        # First tokens go out now, not after this step's decode.
+        self._hand_over(list(outputs.values()))
+        prefilled = time.monotonic()
+        self._hand_over(self._decode_phase())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "step %d: %d rows, %d waiting; prefill %d tokens of %d sequences in %.0f ms, "
+                "decode in %.0f ms",
+                self.steps,
+                self.running,
+                self.waiting,
+                sum(c.end - c.start for c in chunks),
+                len(chunks),
+                (prefilled - started) * 1000,
+                (time.monotonic() - prefilled) * 1000,
+            )
+
+    def _prefill_phase(self, chunks: list[PrefillChunk], outputs: dict[int, StepOutput]) -> None:
         try:
             self._prefill(chunks, outputs)
         except Exception as exc:  # a failed prefill fails its own sequences only
             log.exception("prefill failed; ending the %d sequences it fed", len(chunks))
             self._fail({c.key for c in chunks}, exc, outputs)
         self._leave([s for s in self._running if s.finished])
+
+    def _decode_phase(self) -> list[StepOutput]:
+        outputs: dict[int, StepOutput] = {}
         try:
             if any(s.phase is Phase.DECODING for s in self._running):
                 self._decode(outputs)
@@ -177,10 +203,11 @@ class Scheduler:
             log.exception("decode step failed; ending the %d sequences in the batch", self.running)
             self._runner.reset()
             self._fail({s.key for s in self._running}, exc, outputs)
-        if outputs:
-            self._hand_over(list(outputs.values()))
+        return list(outputs.values())
 
     def _hand_over(self, outputs: list[StepOutput]) -> None:
+        if not outputs:
+            return
         for output in outputs:
             output.finished = output.sequence.finished
         self._deliver(outputs)
@@ -199,13 +226,20 @@ class Scheduler:
     def _plan_prefill(self) -> list[PrefillChunk]:
         """Prompt work for this step, within the prefill budget, oldest first.
 
-        A prompt that fits the chunk size is fed whole (with others, as one
-        padded batch); a longer one is split into chunks of the budget. While no
-        row is decoding there is nobody to keep waiting, so every admitted
-        prompt is fed at once.
+        Prompt work stalls every decoding row for this step, and serves every
+        sequence waiting for its first token; the budget weighs the two: at
+        least ``prefill_chunk`` tokens, times how many sequences wait per
+        decoding one. A burst onto a busy batch is thus fed a chunk a step, while
+        a cold start with one stream decoding is fed at once; with nothing
+        decoding, every admitted prompt is fed. A prompt that fits the budget is
+        fed whole (with others, as one padded batch); a prompt longer than a chunk
+        is split into chunks; a shorter one waits for a step with room for it.
         """
-        decoding = any(s.phase is Phase.DECODING for s in self._running)
-        budget = self._limits.prefill_chunk if decoding else None
+        decoding = sum(s.phase is Phase.DECODING for s in self._running)
+        prefilling = sum(s.phase is Phase.PREFILLING for s in self._running)
+        budget = None
+        if decoding:
+            budget = self._limits.prefill_chunk * max(1, prefilling // decoding)
         chunks: list[PrefillChunk] = []
         for sequence in self._running:
             if sequence.phase is not Phase.PREFILLING:

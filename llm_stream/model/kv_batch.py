@@ -1,19 +1,132 @@
 """The running batch's tensors: one left-padded KV cache shared by every row.
 
-Rows join (``concatenate``) and leave (``filter``) between steps, as in TGI's
-``CausalLMBatch``. Padding never changes a row's result: every row carries its
-own attention mask (zeros over its left padding) and its own position ids, so a
-row computes exactly what it would alone, whatever else is in the batch.
+Rows join (:func:`append`) and leave (:func:`remove_rows`) between steps, as in
+TGI's ``CausalLMBatch``. Padding never changes a row's result: every row carries
+its own attention mask (zeros over its left padding) and its own position ids,
+so a row computes what it would alone, whatever else is in the batch.
+
+The cache layers are :class:`SlotLayer`: preallocated buffers with spare rows
+and spare positions, so that a decode step writes only its own token, a joining
+row is written into a free row, and a leaving row's slot is filled by moving the
+last row into it. transformers' own DynamicLayer re-concatenates the whole cache
+on every step instead, and rebuilding the batch on every join or leave would
+copy all of it again: at 64 rows of 300 tokens that is about a gigabyte each time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Spare positions reserved when a layer grows: one copy every so many steps.
+_HEADROOM = 64
+# Left padding every row shares is trimmed once it is this share of the width.
+_TRIM_SHARE = 0.25
+
+
+def _room(needed: int) -> int:
+    return needed + max(_HEADROOM, needed // 2)
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values in buffers with spare rows and positions.
+
+    ``keys``/``values`` are views of the used part, ``[rows, heads, width, dim]``,
+    as transformers expects; everything past them is free space.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+        self.width = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._k is None:
+            self.rows = key_states.shape[0]
+        assert key_states.shape[0] == self.rows, "a step feeds every row of the batch"
+        new = key_states.shape[-2]
+        self._reserve(self.rows, self.width + new, template=key_states)
+        assert self._k is not None and self._v is not None
+        self._k[: self.rows, :, self.width : self.width + new] = key_states
+        self._v[: self.rows, :, self.width : self.width + new] = value_states
+        self.width += new
+        self._publish()
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+    def _publish(self) -> None:
+        assert self._k is not None and self._v is not None
+        self.keys = self._k[: self.rows, :, : self.width]
+        self.values = self._v[: self.rows, :, : self.width]
+
+    def _reserve(self, rows: int, width: int, template: torch.Tensor, shift: int = 0) -> None:
+        """Room for ``rows`` x ``width``; existing content moves ``shift`` positions right.
+
+        A new buffer gets spare positions, and twice the rows when rows ran out,
+        so growing costs one copy now and then, not one a step.
+        """
+        old_k, old_v = self._k, self._v
+        if old_k is None or old_v is None:
+            capacity_rows = rows
+        elif shift == 0 and rows <= old_k.shape[0] and width <= old_k.shape[2]:
+            return
+        else:
+            capacity_rows = (
+                old_k.shape[0] if rows <= old_k.shape[0] else max(rows, 2 * old_k.shape[0])
+            )
+        shape = (capacity_rows, template.shape[1], _room(width), template.shape[-1])
+        slabs = []
+        for old in (old_k, old_v):
+            # Uninitialised memory: only the used part is ever read, and it is all
+            # written below or by the caller (zero-filling a slab took 10x longer).
+            slab = template.new_empty(shape)
+            if old is not None and self.rows and self.width:
+                slab[: self.rows, :, :shift].zero_()
+                slab[: self.rows, :, shift : shift + self.width] = old[: self.rows, :, : self.width]
+            slabs.append(slab)
+        self._k, self._v = slabs
+
+    def append_rows(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Add rows whose cache is right-aligned to ``width`` (the batch's new width)."""
+        shift = width - self.width
+        self._reserve(self.rows + keys.shape[0], width, template=keys, shift=shift)
+        self.width = width
+        assert self._k is not None and self._v is not None
+        first, last, start = self.rows, self.rows + keys.shape[0], width - keys.shape[2]
+        for slab, part in ((self._k, keys), (self._v, values)):
+            slab[first:last, :, :start].zero_()  # a reused row keeps a former row's values
+            slab[first:last, :, start:width] = part
+        self.rows = last
+        self._publish()
+
+    def move_rows(self, targets: torch.Tensor, sources: torch.Tensor, rows: int) -> None:
+        """Copy rows ``sources`` into ``targets`` and keep the first ``rows`` rows."""
+        assert self._k is not None and self._v is not None
+        if targets.numel():
+            for slab in (self._k, self._v):
+                slab[targets, :, : self.width] = slab[sources, :, : self.width]
+        self.rows = rows
+        self._publish()
+
+    def trim_left(self, start: int) -> None:
+        """Drop the first ``start`` positions, left padding in every row."""
+        assert self._k is not None and self._v is not None
+        kept = self.width - start
+        for slab in (self._k, self._v):
+            slab[: self.rows, :, :kept] = slab[: self.rows, :, start : self.width].clone()
+        self.width = kept
+        self._publish()
 
 
 @dataclass
@@ -35,6 +148,13 @@ class KVBatch:
         return int(self.mask.shape[1])
 
 
+def new_cache(model: Any) -> DynamicCache:
+    """A cache for ``model`` whose full-attention layers are slot layers."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [SlotLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _layers(cache: DynamicCache) -> list[Any]:
     return list(cache.layers)
 
@@ -51,7 +171,7 @@ def forward_prompts(
         mask[row, width - len(prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -110,29 +230,61 @@ def _pad_left(tensor: torch.Tensor, dim: int, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def concatenate(batches: Sequence[KVBatch]) -> KVBatch:
-    """One batch of all rows, in order; shorter caches are padded on the left."""
-    if len(batches) == 1:
-        return batches[0]
-    width = max(b.width for b in batches)
-    merged = _layers(batches[0].cache)
-    for index, layer in enumerate(merged):
-        parts = [_layers(b.cache)[index] for b in batches]
-        layer.keys = torch.cat([_pad_left(p.keys, 2, width) for p in parts], dim=0)
-        layer.values = torch.cat([_pad_left(p.values, 2, width) for p in parts], dim=0)
-    mask = torch.cat([_pad_left(b.mask, 1, width) for b in batches], dim=0)
-    positions = torch.cat([b.positions for b in batches])
-    return KVBatch(batches[0].cache, mask, positions)
+def append(batch: KVBatch, joining: KVBatch) -> None:
+    """Add ``joining``'s rows after ``batch``'s; the narrower side is padded on the left."""
+    width = max(batch.width, joining.width)
+    for layer, other in zip(_layers(batch.cache), _layers(joining.cache), strict=True):
+        if isinstance(layer, SlotLayer):
+            layer.append_rows(other.keys, other.values, width)
+        else:  # e.g. a sliding-window layer: rebuilt by concatenation
+            layer.keys = torch.cat(
+                [_pad_left(layer.keys, 2, width), _pad_left(other.keys, 2, width)]
+            )
+            layer.values = torch.cat(
+                [_pad_left(layer.values, 2, width), _pad_left(other.values, 2, width)]
+            )
+    batch.mask = torch.cat([_pad_left(batch.mask, 1, width), _pad_left(joining.mask, 1, width)])
+    batch.positions = torch.cat([batch.positions, joining.positions])
 
 
-def filter_rows(batch: KVBatch, keep: Sequence[int]) -> KVBatch:
-    """Keep these rows (in this order) and drop the left padding every kept row now has."""
-    index = torch.tensor(list(keep), dtype=torch.long, device=batch.mask.device)
-    mask = batch.mask.index_select(0, index)
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if used.numel() else mask.shape[1]
-    mask = mask[:, start:]
+def remove_rows(batch: KVBatch, drop: Collection[int]) -> list[int]:
+    """Drop these rows; the last rows move into the freed slots.
+
+    Returns, for each remaining row, the index it had before. Left padding that
+    every remaining row shares is trimmed once it is a large part of the width.
+    """
+    rows = batch.rows
+    left = rows - len(drop)
+    order = list(range(left))
+    holes = sorted(i for i in drop if i < left)
+    movers = [i for i in range(left, rows) if i not in drop]
+    for hole, mover in zip(holes, movers, strict=True):
+        order[hole] = mover
+    device = batch.mask.device
+    index = torch.tensor(order, dtype=torch.long, device=device)
+    targets = torch.tensor(holes, dtype=torch.long, device=device)
+    sources = torch.tensor(movers, dtype=torch.long, device=device)
     for layer in _layers(batch.cache):
-        layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-        layer.values = layer.values.index_select(0, index)[:, :, start:]
-    return KVBatch(batch.cache, mask, batch.positions.index_select(0, index))
+        if isinstance(layer, SlotLayer):
+            layer.move_rows(targets, sources, left)
+        else:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+    batch.mask = batch.mask.index_select(0, index)
+    batch.positions = batch.positions.index_select(0, index)
+    _trim_shared_padding(batch)
+    return order
+
+
+def _trim_shared_padding(batch: KVBatch) -> None:
+    used = batch.mask.any(dim=0).nonzero()
+    start = int(used[0]) if used.numel() else batch.width
+    if start == 0 or start < batch.width * _TRIM_SHARE:
+        return
+    for layer in _layers(batch.cache):
+        if isinstance(layer, SlotLayer):
+            layer.trim_left(start)
+        else:
+            layer.keys = layer.keys[:, :, start:]
+            layer.values = layer.values[:, :, start:]
+    batch.mask = batch.mask[:, start:]

@@ -18,11 +18,11 @@ import torch
 from llm_stream.engine.types import PrefillChunk
 from llm_stream.model.kv_batch import (
     KVBatch,
-    concatenate,
+    append,
     decode_step,
     extend_row,
-    filter_rows,
     forward_prompts,
+    remove_rows,
 )
 from llm_stream.model.sampling import RowSampler, choose_tokens, make_row_sampler
 
@@ -106,16 +106,16 @@ class HFStepRunner:
         return choose_tokens(logits, [self._samplers[c.key] for c in chunks])
 
     def _join(self, joining: Sequence[tuple[KVBatch, list[int], list[int]]]) -> None:
-        if not joining:
-            return
-        batches = [] if self._batch is None else [self._batch]
         last = [] if self._last is None else [self._last]
         for batch, keys, tokens in joining:
-            batches.append(batch)
+            if self._batch is None:
+                self._batch = batch
+            else:
+                append(self._batch, batch)
             self._order.extend(keys)
             last.append(torch.tensor(tokens, dtype=torch.long, device=self._device))
-        self._batch = concatenate(batches)
-        self._last = torch.cat(last)
+        if last:
+            self._last = torch.cat(last)
 
     @torch.inference_mode()
     def decode(self) -> list[tuple[int, int]]:
@@ -131,16 +131,16 @@ class HFStepRunner:
         for key in keys:
             self._partial.pop(key, None)
             self._samplers.pop(key, None)
-        keep = [i for i, key in enumerate(self._order) if key not in keys]
-        if len(keep) == len(self._order):
+        drop = [i for i, key in enumerate(self._order) if key in keys]
+        if not drop:
             return
-        if not keep:
+        if len(drop) == len(self._order):
             self.reset()
             return
         assert self._batch is not None and self._last is not None
-        self._batch = filter_rows(self._batch, keep)
-        self._last = self._last[keep]
-        self._order = [self._order[i] for i in keep]
+        order = remove_rows(self._batch, drop)
+        self._last = self._last[order]
+        self._order = [self._order[i] for i in order]
 
     def reset(self) -> None:
         self._batch = None
