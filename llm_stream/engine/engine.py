@@ -142,6 +142,11 @@ class Engine:
     def in_flight(self) -> int:
         return self.active + self.waiting
 
+    @property
+    def steps(self) -> int:
+        """Scheduler steps run so far, over all models."""
+        return sum(m.scheduler.steps for m in self._models.values())
+
     def check_accepting(self) -> None:
         if self.state is EngineState.STARTING:
             raise UnavailableError(
@@ -355,12 +360,13 @@ class Engine:
             steps_after_cancel=steps_after_cancel,
         )
         log.info(
-            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s)%s",
+            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s, first after %s)%s",
             record.request_id,
             record.finish_reason.value if record.finish_reason else "error",
             record.completion_tokens,
             record.duration_s,
             record.completion_tokens / record.duration_s if record.duration_s > 0 else 0.0,
+            "-" if record.first_token_s is None else f"{record.first_token_s * 1000:.0f} ms",
             f" error={record.error}" if record.error else "",
         )
         return record
