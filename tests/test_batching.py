@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from llm_stream.engine.types import FinishReason
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import (
     RunningServer,
@@ -71,3 +72,19 @@ async def test_request_beyond_the_batch_budget_is_invalid(paced_server: RunningS
         await paced_server.stub.Predict(prompt_request("Hello", max_tokens=2500))
     assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "--max-batch-tokens" in (raised.value.details() or "")
+
+
+async def test_batch_item_beyond_the_budget_is_its_own_error(paced_server: RunningServer) -> None:
+    response = await paced_server.stub.BatchPredict(
+        pb.BatchPredictRequest(
+            requests=[
+                prompt_request("Hello", max_tokens=4),
+                prompt_request("Hello", max_tokens=2500),
+                prompt_request("Hi", max_tokens=4),
+            ]
+        )
+    )
+    outcomes = [r.WhichOneof("outcome") for r in response.results]
+    assert outcomes == ["response", "error", "response"]
+    assert response.results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "--max-batch-tokens" in response.results[1].error.message

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
+from llm_stream.engine.types import GenerationRequest, PrefillChunk, PreparedRequest, SamplingParams
+from llm_stream.errors import ModelLoadError
 from llm_stream.model.kv_batch import (
     KVBatch,
     append,
@@ -17,6 +19,9 @@ from llm_stream.model.kv_batch import (
     forward_prompts,
     remove_rows,
 )
+from llm_stream.model.loader import load_backend
+from llm_stream.model.runner import HFStepRunner
+from llm_stream.model.sources import parse_model_spec
 
 CPU = torch.device("cpu")
 SHORT = [5, 9, 14]
@@ -115,3 +120,38 @@ def test_leaving_rows_are_replaced_by_the_last_ones(model: Any) -> None:
             tokens = tokens[order]
     for r in rows:
         assert all(close(a, b) for a, b in zip(got[r], expected[r], strict=True)), r
+
+
+def prefill_chunk(key: int, prompt: list[int], start: int, end: int) -> PrefillChunk:
+    request = GenerationRequest(f"r{key}", "tiny", "p", SamplingParams(max_tokens=8))
+    return PrefillChunk(key, PreparedRequest(request, tuple(prompt), 8), start, end)
+
+
+def test_a_prompt_fed_in_chunks_survives_the_last_decoding_row_leaving(model: Any) -> None:
+    runner = HFStepRunner(model, CPU, pad_id=0)
+    assert runner.prefill([prefill_chunk(1, SHORT, 0, len(SHORT))])[0] is not None
+    assert runner.prefill([prefill_chunk(2, LONG, 0, 5)]) == [None]
+    runner.remove({1})  # the only decoding row leaves while LONG is half fed
+    (first,) = runner.prefill([prefill_chunk(2, LONG, 5, len(LONG))])
+    assert first == int(alone(model, LONG, 0)[0].argmax())
+    assert runner.rows == 1
+
+
+def test_models_with_sliding_window_layers_are_refused(
+    tmp_path: Path, tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """Their layers keep only a window: the shared batch cannot pad or trim them."""
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=8,
+    )
+    folder = tmp_path / "mistral"
+    MistralForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="sliding-window"):
+        load_backend(parse_model_spec(f"mistral={folder}"), "cpu", "float32", cache_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from llm_stream.engine.scheduler import BatchLimits, Scheduler, StepOutput
 from llm_stream.engine.sequence import Phase
 from llm_stream.engine.sequence import Sequence as Seq
 from llm_stream.engine.types import (
+    BatchLostError,
     FinishReason,
     GenerationRequest,
     PrefillChunk,
@@ -297,3 +299,86 @@ def test_close_cancels_everything() -> None:
     assert running.finish_reason is FinishReason.CANCELLED
     assert waiting.finish_reason is FinishReason.CANCELLED
     assert {o.sequence.key for o in delivered if o.finished} == {running.key, waiting.key}
+
+
+def test_admission_counts_the_padded_cache() -> None:
+    # Rows are left-padded to the longest: two rows of a 16-token sequence cost 32.
+    sched, _, _ = scheduler(max_batch_tokens=40)
+    long = sequence(prompt_tokens=12, max_tokens=4, name="long")  # 16 tokens
+    short = [sequence(prompt_tokens=2, max_tokens=10, name=f"s{i}") for i in range(3)]  # 12 each
+    sched.submit(long, *short)
+    sched.step()
+    assert sched.running == 2 and sched.waiting == 2  # 3 x 16 > 40
+
+
+def test_a_batch_lost_in_prefill_fails_every_row() -> None:
+    sched, runner, _ = scheduler()
+    running = sequence(max_tokens=100, name="running")
+    sched.submit(running)
+    sched.step()
+
+    def lose(chunks: Sequence[PrefillChunk]) -> list[int | None]:
+        runner.rows = []
+        raise BatchLostError("join failed")
+
+    runner.prefill = lose  # type: ignore[method-assign]
+    joining = sequence(name="joining")
+    sched.submit(joining)
+    sched.step()
+    assert all(isinstance(s.error, BatchLostError) for s in (running, joining))
+    assert sched.running == 0
+
+
+def test_a_text_failure_ends_only_its_own_sequence() -> None:
+    sched, runner, _ = scheduler()
+    good, bad = sequence(max_tokens=5, name="good"), sequence(max_tokens=5, name="bad")
+
+    def broken(token_id: int) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+
+    bad.assembler.add = broken  # type: ignore[method-assign]
+    sched.submit(good, bad)
+    sched.step()
+    assert bad.finished and isinstance(bad.error, UnicodeDecodeError)
+    assert not good.finished and runner.rows == [good.key]
+
+
+def test_the_thread_survives_a_failure_outside_the_model_steps() -> None:
+    """Even a failing row removal ends only the batch: streams get an error, not a hang."""
+    runner = FakeRunner()
+    ended = threading.Event()
+    delivered: list[StepOutput] = []
+
+    def deliver(outputs: list[StepOutput]) -> None:
+        delivered.extend(outputs)
+        if any(o.finished for o in outputs):
+            ended.set()
+
+    sched = Scheduler(runner, BatchLimits(), deliver)
+    real_remove, failures = runner.remove, [RuntimeError("out of memory")]
+
+    def remove_once(keys: Collection[int]) -> None:
+        if failures:
+            raise failures.pop()
+        real_remove(keys)
+
+    runner.remove = remove_once  # type: ignore[method-assign]
+    thread = threading.Thread(target=sched.run, daemon=True)
+    thread.start()
+    try:
+        first = sequence(max_tokens=1, name="first")
+        other = sequence(max_tokens=100, name="other")
+        sched.submit(first, other)
+        assert ended.wait(10)
+        # first had its whole answer; other's row was lost with the batch: an error, no hang.
+        assert first.finish_reason is FinishReason.LENGTH and first.error is None
+        assert other.finished and isinstance(other.error, RuntimeError)
+        assert {o.sequence.key for o in delivered if o.finished} == {first.key, other.key}
+        ended.clear()
+        after = sequence(max_tokens=2, name="after")
+        sched.submit(after)
+        assert ended.wait(10)
+        assert after.finish_reason is FinishReason.LENGTH and thread.is_alive()
+    finally:
+        sched.close()
+        thread.join(10)

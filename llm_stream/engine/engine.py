@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncGenerator, Callable
 from collections.abc import Sequence as Items
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -36,7 +37,7 @@ from llm_stream.engine.types import (
     StreamEnd,
     TokenEvent,
 )
-from llm_stream.errors import ModelNotFoundError, UnavailableError
+from llm_stream.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,10 @@ class Engine:
         self.check_accepting()
         model, sequence = await self._prepare(request)
         (outbox,) = self._submit(model, sequence)
-        async for event in self._events(model, sequence, outbox):
-            yield event
+        # Closed with this generator, so that leaving early cancels at once.
+        async with aclosing(self._events(model, sequence, outbox)) as events:
+            async for event in events:
+                yield event
 
     async def complete(self, request: GenerationRequest) -> Completion:
         self.check_accepting()
@@ -192,6 +195,11 @@ class Engine:
         outcomes = iter(prepared)
         for item in items:
             outcome = item if isinstance(item, Exception) else next(outcomes)
+            if not isinstance(outcome, BaseException):
+                try:  # an item that could never fit is that item's error, not the call's
+                    outcome[0].scheduler.check_budget(outcome[1])
+                except InvalidRequestError as exc:
+                    outcome = exc
             if isinstance(outcome, BaseException):
                 results.append(_as_exception(outcome))
             else:
@@ -216,6 +224,7 @@ class Engine:
                 run.cancel()
             for model, sequence in submitted:
                 model.scheduler.cancel(sequence)
+                self._outboxes.pop(sequence.key, None)  # a task cancelled unstarted leaves it
             raise
         latency_ms = (time.monotonic() - started) * 1000
         for index, result in enumerate(results):

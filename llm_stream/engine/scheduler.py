@@ -27,7 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llm_stream.engine.sequence import Phase, Sequence
-from llm_stream.engine.types import FinishReason, PrefillChunk, StepRunner, TokenEvent
+from llm_stream.engine.types import (
+    BatchLostError,
+    FinishReason,
+    PrefillChunk,
+    StepRunner,
+    TokenEvent,
+)
 from llm_stream.errors import InvalidRequestError, OverloadedError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -37,7 +43,8 @@ log = logging.getLogger(__name__)
 class BatchLimits:
     # Sequences in the batch at once (prefilling or decoding).
     max_rows: int = 64
-    # Sum over admitted sequences of prompt + max_tokens: bounds the KV cache.
+    # Rows x the largest prompt + max_tokens among them: what the left-padded KV
+    # cache can grow to, so admission by it bounds the cache.
     max_batch_tokens: int = 65536
     # Sequences allowed to wait beyond the free rows; past it RESOURCE_EXHAUSTED.
     max_queue: int = 256
@@ -71,8 +78,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
-        self._tokens_admitted = 0
         self._closed = False
+        # Outputs of the step under way, handed to the event loop twice a step.
+        self._pending: dict[int, StepOutput] = {}
         self.steps = 0
 
     # -- any thread ------------------------------------------------------------
@@ -88,7 +96,7 @@ class Scheduler:
     def submit(self, *sequences: Sequence) -> None:
         """Queue prepared sequences, all or none; refused at once when they cannot be served."""
         for sequence in sequences:
-            self._check_budget(sequence)
+            self.check_budget(sequence)
         with self._cond:
             if self._closed:
                 raise UnavailableError("this server is shutting down; retry on another replica")
@@ -102,7 +110,8 @@ class Scheduler:
             self._waiting.extend(sequences)
             self._cond.notify()
 
-    def _check_budget(self, sequence: Sequence) -> None:
+    def check_budget(self, sequence: Sequence) -> None:
+        """InvalidRequestError for a sequence that could never fit the batch, even alone."""
         cost = sequence.prepared.token_cost
         if cost > self._limits.max_batch_tokens:
             raise InvalidRequestError(
@@ -123,11 +132,11 @@ class Scheduler:
                 self._waiting.remove(sequence)
                 sequence.finish(FinishReason.CANCELLED)
                 sequence.freed_step = self.steps
-                waiting_output = [StepOutput(sequence)]
             else:
                 self._cond.notify()
                 return
-        self._hand_over(waiting_output)
+        # Called on the event loop's thread: handed over directly, not with a step's outputs.
+        self._deliver([StepOutput(sequence, finished=True)])
 
     def cancel_all(self) -> None:
         with self._cond:
@@ -145,33 +154,51 @@ class Scheduler:
     # -- the scheduler thread ------------------------------------------------
 
     def run(self) -> None:
-        """The thread's body: step while there is work, sleep while there is none."""
+        """The thread's body: step while there is work, sleep while there is none.
+
+        A step that fails in an unexpected place ends the sequences in the batch
+        (their clients get an error) and the loop goes on with a fresh batch: the
+        thread never dies with streams left waiting on it.
+        """
         while True:
             with self._cond:
                 while not (self._closed or self._waiting or self._running):
                     self._cond.wait()
                 if self._closed and not self._running:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:
+                log.exception(
+                    "scheduler step failed; ending the %d sequences in the batch", self.running
+                )
+                self._abandon_batch(exc)
+
+    def _abandon_batch(self, exc: Exception) -> None:
+        try:
+            self._runner.reset()
+        finally:
+            self._fail({s.key for s in self._running}, exc, release=False)
+            self._hand_over()
 
     def step(self) -> None:
         """One iteration: free cancelled rows, admit, prefill, decode; events out twice."""
-        outputs: dict[int, StepOutput] = {}
         with self._cond:
             self.steps += 1
             cancelled = [s for s in self._running if s.cancel_requested]
             for sequence in cancelled:
                 sequence.finish(FinishReason.CANCELLED)
-                outputs[sequence.key] = StepOutput(sequence)
+                self._output(sequence)
+        self._leave(cancelled)  # first, so that their rows are free for this step's admissions
+        with self._cond:
             self._admit()
             chunks = self._plan_prefill()
-        self._leave(cancelled)
         started = time.monotonic()
-        self._prefill_phase(chunks, outputs)
-        # First tokens go out now, not after this step's decode.
-        self._hand_over(list(outputs.values()))
+        self._prefill_phase(chunks)
+        self._hand_over()  # first tokens go out now, not after this step's decode
         prefilled = time.monotonic()
-        self._hand_over(self._decode_phase())
+        self._decode_phase()
+        self._hand_over()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "step %d: %d rows, %d waiting; prefill %d tokens of %d sequences in %.0f ms, "
@@ -185,27 +212,37 @@ class Scheduler:
                 (time.monotonic() - prefilled) * 1000,
             )
 
-    def _prefill_phase(self, chunks: list[PrefillChunk], outputs: dict[int, StepOutput]) -> None:
+    def _prefill_phase(self, chunks: list[PrefillChunk]) -> None:
         try:
-            self._prefill(chunks, outputs)
+            self._prefill(chunks)
+        except BatchLostError as exc:  # the runner has dropped its decode batch
+            log.exception("prefill broke the batch; ending its %d sequences", self.running)
+            self._fail({s.key for s in self._running}, exc, release=False)
         except Exception as exc:  # a failed prefill fails its own sequences only
             log.exception("prefill failed; ending the %d sequences it fed", len(chunks))
-            self._fail({c.key for c in chunks}, exc, outputs)
+            self._fail({c.key for c in chunks}, exc)
         self._leave([s for s in self._running if s.finished])
 
-    def _decode_phase(self) -> list[StepOutput]:
-        outputs: dict[int, StepOutput] = {}
+    def _decode_phase(self) -> None:
         try:
             if any(s.phase is Phase.DECODING for s in self._running):
-                self._decode(outputs)
-            self._leave([s for s in self._running if s.finished])
+                self._decode()
         except Exception as exc:  # a failed decode fails the batch, not the server
             log.exception("decode step failed; ending the %d sequences in the batch", self.running)
             self._runner.reset()
-            self._fail({s.key for s in self._running}, exc, outputs)
-        return list(outputs.values())
+            self._fail({s.key for s in self._running}, exc, release=False)
+        self._leave([s for s in self._running if s.finished])
 
-    def _hand_over(self, outputs: list[StepOutput]) -> None:
+    def _output(self, sequence: Sequence) -> StepOutput:
+        """This step's output of ``sequence``, created on first use."""
+        output = self._pending.get(sequence.key)
+        if output is None:
+            output = self._pending[sequence.key] = StepOutput(sequence)
+        return output
+
+    def _hand_over(self) -> None:
+        """Send the outputs gathered since the last hand-over to the event loop."""
+        outputs, self._pending = list(self._pending.values()), {}
         if not outputs:
             return
         for output in outputs:
@@ -213,15 +250,18 @@ class Scheduler:
         self._deliver(outputs)
 
     def _admit(self) -> None:
+        """Oldest first, while a row is free and the padded cache stays within budget."""
         limits = self._limits
+        widest = max((s.prepared.token_cost for s in self._running), default=0)
         while self._waiting and len(self._running) < limits.max_rows:
-            cost = self._waiting[0].prepared.token_cost
-            if self._tokens_admitted + cost > limits.max_batch_tokens:
+            candidate = self._waiting[0]
+            width = max(widest, candidate.prepared.token_cost)
+            if (len(self._running) + 1) * width > limits.max_batch_tokens:
                 break
-            sequence = self._waiting.popleft()
-            sequence.phase = Phase.PREFILLING
-            self._tokens_admitted += cost
-            self._running.append(sequence)
+            self._waiting.popleft()
+            candidate.phase = Phase.PREFILLING
+            self._running.append(candidate)
+            widest = width
 
     def _plan_prefill(self) -> list[PrefillChunk]:
         """Prompt work for this step, within the prefill budget, oldest first.
@@ -262,7 +302,7 @@ class Scheduler:
                 budget -= take
         return chunks
 
-    def _prefill(self, chunks: list[PrefillChunk], outputs: dict[int, StepOutput]) -> None:
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
         if not chunks:
             return
         by_key = {s.key: s for s in self._running}
@@ -273,42 +313,47 @@ class Scheduler:
             sequence.prefilled = chunk.end
             if token is not None:
                 sequence.phase = Phase.DECODING
-                self._emit(sequence, token, now, outputs)
+                self._emit(sequence, token, now)
 
-    def _decode(self, outputs: dict[int, StepOutput]) -> None:
+    def _decode(self) -> None:
         by_key = {s.key: s for s in self._running}
         produced = self._runner.decode()
         now = time.monotonic()
         for key, token in produced:
-            self._emit(by_key[key], token, now, outputs)
+            self._emit(by_key[key], token, now)
 
-    @staticmethod
-    def _emit(sequence: Sequence, token: int, now: float, outputs: dict[int, StepOutput]) -> None:
-        output = outputs.get(sequence.key)
-        if output is None:
-            output = outputs[sequence.key] = StepOutput(sequence)
+    def _emit(self, sequence: Sequence, token: int, now: float) -> None:
+        output = self._output(sequence)
         previous = sequence.last_token_at
-        output.events.append(sequence.accept(token, now))
+        try:
+            output.events.append(sequence.accept(token, now))
+        except Exception as exc:  # this sequence's text failed: it ends, the batch goes on
+            log.exception("turning token %d into text failed for %s", token, sequence.request_id)
+            sequence.finish(None, exc)
+            return
         if previous is None:
             output.first_token_s = now - sequence.submitted_at
         else:
             output.inter_token_s.append(now - previous)
 
-    def _leave(self, leaving: list[Sequence]) -> None:
+    def _leave(self, leaving: list[Sequence], *, release: bool = True) -> None:
+        """Take sequences out of the batch (``release``: and their rows out of the runner)."""
         if not leaving:
             return
-        self._runner.remove({s.key for s in leaving})
         gone = set(map(id, leaving))
-        with self._cond:
-            self._running = [s for s in self._running if id(s) not in gone]
-            for sequence in leaving:
-                self._tokens_admitted -= sequence.prepared.token_cost
-                sequence.freed_step = self.steps
+        try:
+            if release:
+                self._runner.remove({s.key for s in leaving})
+        finally:  # out of the batch whatever the runner says, so nothing waits on them
+            with self._cond:
+                self._running = [s for s in self._running if id(s) not in gone]
+                for sequence in leaving:
+                    sequence.freed_step = self.steps
 
-    def _fail(self, keys: set[int], exc: Exception, outputs: dict[int, StepOutput]) -> None:
+    def _fail(self, keys: set[int], exc: Exception, *, release: bool = True) -> None:
         failed = [s for s in self._running if s.key in keys]
         for sequence in failed:
             if not sequence.finished:
                 sequence.finish(None, exc)
-            outputs.setdefault(sequence.key, StepOutput(sequence))
-        self._leave(failed)
+            self._output(sequence)
+        self._leave(failed, release=release)

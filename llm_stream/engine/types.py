@@ -115,6 +115,10 @@ class PrefillChunk:
         return self.end == len(self.prepared.prompt_ids)
 
 
+class BatchLostError(Exception):
+    """The runner lost its decode batch (and has reset it): every row in it has to fail."""
+
+
 class StepRunner(Protocol):
     """The model's step primitives, driven by the scheduler on its own thread.
 
@@ -124,7 +128,10 @@ class StepRunner(Protocol):
     """
 
     def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        """Feed these prompt chunks; per chunk, the first token once its prompt is complete."""
+        """Feed these prompt chunks; per chunk, the first token once its prompt is complete.
+
+        Raises BatchLostError when a failure damaged the decode batch itself.
+        """
         ...
 
     def decode(self) -> list[tuple[int, int]]:

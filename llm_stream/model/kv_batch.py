@@ -73,18 +73,23 @@ class SlotLayer(DynamicLayer):
     def _reserve(self, rows: int, width: int, template: torch.Tensor, shift: int = 0) -> None:
         """Room for ``rows`` x ``width``; existing content moves ``shift`` positions right.
 
-        A new buffer gets spare positions, and twice the rows when rows ran out,
-        so growing costs one copy now and then, not one a step.
+        A new buffer gets spare positions, and half again the rows when rows ran
+        out, so growing costs one copy now and then, not one a step.
         """
         old_k, old_v = self._k, self._v
-        if old_k is None or old_v is None:
-            capacity_rows = rows
-        elif shift == 0 and rows <= old_k.shape[0] and width <= old_k.shape[2]:
-            return
+        if old_k is not None and old_v is not None and rows <= old_k.shape[0]:
+            if width <= old_k.shape[2]:
+                if shift:  # room enough: move the rows right in place
+                    for slab in (old_k, old_v):
+                        used = slab[: self.rows, :, : self.width].clone()
+                        slab[: self.rows, :, :shift].zero_()
+                        slab[: self.rows, :, shift : shift + self.width] = used
+                return
+            capacity_rows = old_k.shape[0]
+        elif old_k is not None:
+            capacity_rows = max(rows, old_k.shape[0] + old_k.shape[0] // 2)
         else:
-            capacity_rows = (
-                old_k.shape[0] if rows <= old_k.shape[0] else max(rows, 2 * old_k.shape[0])
-            )
+            capacity_rows = rows
         shape = (capacity_rows, template.shape[1], _room(width), template.shape[-1])
         slabs = []
         for old in (old_k, old_v):
@@ -149,14 +154,27 @@ class KVBatch:
 
 
 def new_cache(model: Any) -> DynamicCache:
-    """A cache for ``model`` whose full-attention layers are slot layers."""
+    """A cache for ``model`` made of slot layers (see unsupported_cache_layers)."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [SlotLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [SlotLayer() for _ in cache.layers]
     return cache
 
 
-def _layers(cache: DynamicCache) -> list[Any]:
-    return list(cache.layers)
+def unsupported_cache_layers(model: Any) -> list[str]:
+    """The kinds of cache layer ``model`` needs that the shared batch cannot hold.
+
+    Sliding-window layers keep only their window and count positions their own
+    way; padding, joining and trimming them like full layers would break them.
+    """
+    cache = DynamicCache(config=model.config)
+    return sorted(
+        {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    )
+
+
+def _layers(cache: DynamicCache) -> list[SlotLayer]:
+    """The cache's layers; the loader refuses models whose layers are not all slot layers."""
+    return [layer for layer in cache.layers if isinstance(layer, SlotLayer)]
 
 
 def forward_prompts(
@@ -234,15 +252,8 @@ def append(batch: KVBatch, joining: KVBatch) -> None:
     """Add ``joining``'s rows after ``batch``'s; the narrower side is padded on the left."""
     width = max(batch.width, joining.width)
     for layer, other in zip(_layers(batch.cache), _layers(joining.cache), strict=True):
-        if isinstance(layer, SlotLayer):
-            layer.append_rows(other.keys, other.values, width)
-        else:  # e.g. a sliding-window layer: rebuilt by concatenation
-            layer.keys = torch.cat(
-                [_pad_left(layer.keys, 2, width), _pad_left(other.keys, 2, width)]
-            )
-            layer.values = torch.cat(
-                [_pad_left(layer.values, 2, width), _pad_left(other.values, 2, width)]
-            )
+        assert other.keys is not None and other.values is not None
+        layer.append_rows(other.keys, other.values, width)
     batch.mask = torch.cat([_pad_left(batch.mask, 1, width), _pad_left(joining.mask, 1, width)])
     batch.positions = torch.cat([batch.positions, joining.positions])
 
@@ -265,11 +276,7 @@ def remove_rows(batch: KVBatch, drop: Collection[int]) -> list[int]:
     targets = torch.tensor(holes, dtype=torch.long, device=device)
     sources = torch.tensor(movers, dtype=torch.long, device=device)
     for layer in _layers(batch.cache):
-        if isinstance(layer, SlotLayer):
-            layer.move_rows(targets, sources, left)
-        else:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+        layer.move_rows(targets, sources, left)
     batch.mask = batch.mask.index_select(0, index)
     batch.positions = batch.positions.index_select(0, index)
     _trim_shared_padding(batch)
@@ -282,9 +289,5 @@ def _trim_shared_padding(batch: KVBatch) -> None:
     if start == 0 or start < batch.width * _TRIM_SHARE:
         return
     for layer in _layers(batch.cache):
-        if isinstance(layer, SlotLayer):
-            layer.trim_left(start)
-        else:
-            layer.keys = layer.keys[:, :, start:]
-            layer.values = layer.values[:, :, start:]
+        layer.trim_left(start)
     batch.mask = batch.mask[:, start:]

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llm_stream.errors import ModelLoadError
 from llm_stream.model.backend import HFBackend
 from llm_stream.model.device import resolve_device, resolve_dtype
+from llm_stream.model.kv_batch import unsupported_cache_layers
 from llm_stream.model.sources import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,13 @@ def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: 
         raise ModelLoadError(
             f"cannot load model {spec.model_id!r} from {spec.location}: {exc}"
         ) from exc
+    unsupported = unsupported_cache_layers(model)
+    if unsupported:
+        raise ModelLoadError(
+            f"model {spec.model_id!r} needs {', '.join(unsupported)} cache layers (sliding-window "
+            "or other special attention), which llm-stream's continuous batch does not support "
+            "yet; serve a model with full attention on every layer"
+        )
     model.to(device)
     model.eval()
     log.info(

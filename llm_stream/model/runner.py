@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llm_stream.engine.types import PrefillChunk
+from llm_stream.engine.types import BatchLostError, PrefillChunk
 from llm_stream.model.kv_batch import (
     KVBatch,
     append,
@@ -70,6 +70,7 @@ class HFStepRunner:
         results: list[int | None] = [None] * len(chunks)
         joining: list[tuple[KVBatch, list[int], list[int]]] = []
         whole = [i for i, c in enumerate(chunks) if c.start == 0 and c.completes_prompt]
+        whole_set = set(whole)
         lengths = [len(chunks[i].prepared.prompt_ids) for i in whole]
         for group in group_by_length(lengths):
             members = [chunks[whole[g]] for g in group]
@@ -81,7 +82,7 @@ class HFStepRunner:
                 results[whole[g]] = token
             joining.append((batch, [c.key for c in members], tokens))
         for index, chunk in enumerate(chunks):
-            if index in whole:
+            if index in whole_set:
                 continue
             part = chunk.prepared.prompt_ids[chunk.start : chunk.end]
             if chunk.start == 0:
@@ -95,7 +96,11 @@ class HFStepRunner:
                 tokens = self._first_tokens([chunk], logits)
                 results[index] = tokens[0]
                 joining.append((batch, [chunk.key], tokens))
-        self._join(joining)
+        try:
+            self._join(joining)
+        except Exception as exc:  # some layers may hold the new rows and others not
+            self.reset()
+            raise BatchLostError("adding prefilled rows to the batch failed") from exc
         return results
 
     def _first_tokens(self, chunks: Sequence[PrefillChunk], logits: torch.Tensor) -> list[int]:
@@ -135,7 +140,8 @@ class HFStepRunner:
         if not drop:
             return
         if len(drop) == len(self._order):
-            self.reset()
+            # The decode batch is empty; prompts still being fed in chunks stay.
+            self._batch, self._last, self._order = None, None, []
             return
         assert self._batch is not None and self._last is not None
         order = remove_rows(self._batch, drop)

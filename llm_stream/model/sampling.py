@@ -78,7 +78,10 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tens
     limit = torch.tensor(top_k, device=device).unsqueeze(1)
     values = values.masked_fill(rank >= limit, float("-inf"))
     probs = torch.softmax(values, dim=-1)
-    top_p = torch.tensor([r.params.top_p for r in rows], device=device).unsqueeze(1)
+    # top_p 1 is off: no cut at all (a float32 running sum can reach 1 before the tail).
+    top_p = torch.tensor(
+        [r.params.top_p if r.params.top_p < 1 else float("inf") for r in rows], device=device
+    ).unsqueeze(1)
     # Drop a candidate once the mass before it already reaches top_p (keeps at least one).
     before = probs.cumsum(dim=-1) - probs
     probs = probs.masked_fill(before >= top_p, 0.0)
