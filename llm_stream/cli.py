@@ -74,7 +74,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     (
         "--max-batch-tokens",
         _positive_int,
-        "token budget of a model's batch: prompt + max_tokens summed over its sequences",
+        "token budget of a model's batch: rows x the largest prompt + max_tokens among them",
     ),
     (
         "--max-queue",
@@ -84,7 +84,8 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     (
         "--prefill-chunk",
         _positive_int,
-        "prompt tokens fed per step while others decode; longer prompts are split",
+        "prompt tokens fed per step while as many sequences decode as wait (more while "
+        "more wait); longer prompts are split",
     ),
     ("--max-batch-size", _positive_int, "most requests in one BatchPredict"),
     ("--default-max-tokens", _positive_int, "max_tokens when a request sends 0"),

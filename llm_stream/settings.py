@@ -31,9 +31,9 @@ class Settings:
     dtype: str = "auto"
     cache_dir: Path = field(default_factory=default_cache_dir)
     # Continuous batching, per model: sequences in the batch at once, the
-    # batch's token budget (prompt + max_tokens over its sequences), requests
-    # allowed to wait beyond the free rows, and prompt tokens fed per step
-    # while other sequences decode.
+    # batch's token budget (rows x the largest prompt + max_tokens among them:
+    # the padded cache), requests allowed to wait beyond the free rows, and
+    # prompt tokens fed per step while as many sequences decode as wait.
     max_concurrent: int = 64
     max_batch_tokens: int = 65536
     max_queue: int = 256

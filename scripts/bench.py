@@ -17,7 +17,7 @@ process of their own: a model loaded beside the server keeps its OpenMP threads 
 and slows the server about 3x on a small machine, so the two never run at once. Compare
 ratios within one run: these machines are shared and noisy.
 
-    .venv/bin/python scripts/bench.py [--tokens 64] [--plot bench.png] [--no-baseline]
+    .venv/bin/python scripts/bench.py [--tokens 64] [--plot docs/bench.png] [--no-baseline]
     .venv/bin/python scripts/bench.py --quick        # 1 and 8 streams, 16 tokens, no burst
     .venv/bin/python scripts/bench.py --target 127.0.0.1:50051
 """

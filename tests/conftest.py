@@ -21,6 +21,10 @@ from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.settings import Settings
 from tests.tiny_model import build_tiny_model
 
+# A client that does not read: without BDP probing its receive window stays tiny, so
+# HTTP/2 flow control soon stops the server's messages to it.
+THROTTLED_CHANNEL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

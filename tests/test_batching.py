@@ -13,6 +13,7 @@ from llm_stream.engine.types import FinishReason
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import (
+    THROTTLED_CHANNEL,
     RunningServer,
     collect_stream,
     prompt_request,
@@ -20,9 +21,6 @@ from tests.conftest import (
     tiny_settings,
 )
 from tests.wrapped_backend import slow_models
-
-# A client that does not read: without BDP probing its receive window stays tiny.
-THROTTLED_CHANNEL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
 @pytest.fixture

@@ -32,9 +32,6 @@ from tests.conftest import (
 from tests.tiny_model import build_tiny_model
 from tests.wrapped_backend import RunnerWrapper, WrappedBackend, slow_models
 
-# A client that does not read makes the server wait: without BDP probing its
-# receive window stays tiny, so a long stream holds its generation slot.
-THROTTLED_CHANNEL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 LONG = 3500
 
 

@@ -20,6 +20,7 @@ from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.protocol.server import server_options
 from tests.conftest import (
+    THROTTLED_CHANNEL,
     RunningServer,
     collect_stream,
     prompt_request,
@@ -28,7 +29,6 @@ from tests.conftest import (
 )
 
 HANG_GUARD_S = 60
-THROTTLED_CHANNEL = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
 def stream_text(tokens: list[pb.PredictToken]) -> str:
