@@ -75,7 +75,7 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BatchPredict(self, request, context):
-        """Several requests run through the model as padded batches; results come
+        """Several requests join the model's running batch together; results come
         back in request order, a failed item as its own error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

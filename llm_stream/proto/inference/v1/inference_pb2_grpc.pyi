@@ -43,7 +43,7 @@ class InferenceServiceStub:
     message with is_final = true, the finish reason and the usage.
     """
     BatchPredict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.BatchPredictRequest, _inference_pb2.BatchPredictResponse]
-    """Several requests run through the model as padded batches; results come
+    """Several requests join the model's running batch together; results come
     back in request order, a failed item as its own error.
     """
     Check: _grpc.UnaryUnaryMultiCallable[_inference_pb2.HealthCheckRequest, _inference_pb2.HealthCheckResponse]
@@ -59,7 +59,7 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     message with is_final = true, the finish reason and the usage.
     """
     BatchPredict: _aio.UnaryUnaryMultiCallable[_inference_pb2.BatchPredictRequest, _inference_pb2.BatchPredictResponse]  # type: ignore[assignment]
-    """Several requests run through the model as padded batches; results come
+    """Several requests join the model's running batch together; results come
     back in request order, a failed item as its own error.
     """
     Check: _aio.UnaryUnaryMultiCallable[_inference_pb2.HealthCheckRequest, _inference_pb2.HealthCheckResponse]  # type: ignore[assignment]
@@ -90,7 +90,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.BatchPredictRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.BatchPredictResponse, _abc.Awaitable[_inference_pb2.BatchPredictResponse]]:
-        """Several requests run through the model as padded batches; results come
+        """Several requests join the model's running batch together; results come
         back in request order, a failed item as its own error.
         """
 
