@@ -145,11 +145,11 @@ class Scheduler:
             self.cancel(sequence)
 
     def close(self) -> None:
-        """Cancel everything and let the thread end after its current step."""
-        self.cancel_all()
+        """Refuse new work, cancel everything, and let the thread end after its current step."""
         with self._cond:
-            self._closed = True
+            self._closed = True  # first, so that nothing is queued after the cancel below
             self._cond.notify()
+        self.cancel_all()
 
     # -- the scheduler thread ------------------------------------------------
 
