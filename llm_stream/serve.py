@@ -15,7 +15,7 @@ from llm_stream.app import LLMStreamServer
 from llm_stream.cli import parse_settings
 from llm_stream.errors import ModelLoadError
 from llm_stream.logging_setup import configure_logging
-from llm_stream.runtime import prefer_passive_openmp
+from llm_stream.runtime import tune_openmp
 from llm_stream.settings import Settings
 
 log = logging.getLogger("llm_stream.serve")
@@ -54,7 +54,7 @@ async def run(settings: Settings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    prefer_passive_openmp()
+    tune_openmp()
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
     try:

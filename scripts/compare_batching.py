@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_stream.runtime import prefer_passive_openmp
+from llm_stream.runtime import tune_openmp
 
-prefer_passive_openmp()  # as the server does, before torch loads
+tune_openmp()  # as the server does, before torch loads
 
 import torch  # noqa: E402
 from transformers import GenerationConfig  # noqa: E402
