@@ -217,15 +217,16 @@ def test_prefill_is_bounded_while_others_decode() -> None:
     sched, runner, _ = scheduler(prefill_chunk=8)
     running = [sequence(max_tokens=100, name=f"running{i}") for i in range(4)]
     sched.submit(*running)
-    sched.step()
+    while running[0].assembler.count < 8:  # established: past their first tokens
+        sched.step()
     long = sequence(prompt_tokens=20, max_tokens=5, name="long")
     shorts = [sequence(prompt_tokens=5, max_tokens=5, name=f"s{i}") for i in range(3)]
     sched.submit(long, *shorts)
     for _ in range(6):
         sched.step()
     fed = runner.prefills[1:]
-    # As many wait as decode: at most a chunk (8 tokens) a step, and every
-    # running row decodes every step.
+    # As many wait as established rows decode: at most a chunk (8 tokens) a
+    # step, and every running row decodes every step.
     assert all(sum(end - start for _, start, end in step) <= 8 for step in fed)
     long_chunks = [(s, e) for step in fed for key, s, e in step if key == long.key]
     assert long_chunks == [(0, 8), (8, 16), (16, 20)]
@@ -237,11 +238,24 @@ def test_prefill_budget_grows_with_the_sequences_waiting_per_decoding_one() -> N
     sched, runner, _ = scheduler(prefill_chunk=8)
     first = sequence(max_tokens=100, name="first")
     sched.submit(first)
-    sched.step()
+    while first.assembler.count < 8:
+        sched.step()
     arrivals = [sequence(prompt_tokens=6, max_tokens=5) for _ in range(6)]
     sched.submit(*arrivals)
     sched.step()  # six wait per decoding row: 6 chunks of budget, all 36 tokens at once
     assert runner.prefills[-1] == [(s.key, 0, 6) for s in arrivals]
+
+
+def test_rows_in_their_first_tokens_do_not_hold_back_their_wave() -> None:
+    """A cold start whose requests arrive a few steps apart is fed at once."""
+    sched, runner, _ = scheduler(prefill_chunk=8)
+    early = [sequence(max_tokens=100) for _ in range(4)]
+    sched.submit(*early)
+    sched.step()
+    late = [sequence(prompt_tokens=20, max_tokens=5) for _ in range(4)]
+    sched.submit(*late)
+    sched.step()  # four young rows decode, four wait: no chunking
+    assert runner.prefills[-1] == [(s.key, 0, 20) for s in late]
 
 
 def test_with_nobody_decoding_every_admitted_prompt_is_fed_at_once() -> None:

@@ -38,6 +38,9 @@ from llm_stream.errors import InvalidRequestError, OverloadedError, UnavailableE
 
 log = logging.getLogger(__name__)
 
+# Tokens after which a decoding row's steady pace is protected from prompt work.
+_ESTABLISHED_TOKENS = 8
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -269,17 +272,23 @@ class Scheduler:
         Prompt work stalls every decoding row for this step, and serves every
         sequence waiting for its first token; the budget weighs the two: at
         least ``prefill_chunk`` tokens, times how many sequences wait per
-        decoding one. A burst onto a busy batch is thus fed a chunk a step, while
-        a cold start with one stream decoding is fed at once; with nothing
-        decoding, every admitted prompt is fed. A prompt that fits the budget is
-        fed whole (with others, as one padded batch); a prompt longer than a chunk
-        is split into chunks; a shorter one waits for a step with room for it.
+        established decoding one. A row counts as established once it has
+        given ``_ESTABLISHED_TOKENS`` tokens: before that it belongs to the same
+        wave of arrivals as those still waiting (a cold start whose requests
+        reached the scheduler a few milliseconds apart). So a burst onto a busy
+        batch is fed a chunk a step, and a cold start is fed at once. A prompt
+        that fits the budget is fed whole (with others, as one padded batch); a
+        prompt longer than a chunk is split into chunks; a shorter one waits
+        for a step with room for it.
         """
-        decoding = sum(s.phase is Phase.DECODING for s in self._running)
+        established = sum(
+            s.phase is Phase.DECODING and s.assembler.count >= _ESTABLISHED_TOKENS
+            for s in self._running
+        )
         prefilling = sum(s.phase is Phase.PREFILLING for s in self._running)
         budget = None
-        if decoding:
-            budget = self._limits.prefill_chunk * max(1, prefilling // decoding)
+        if established:
+            budget = self._limits.prefill_chunk * max(1, prefilling // established)
         chunks: list[PrefillChunk] = []
         for sequence in self._running:
             if sequence.phase is not Phase.PREFILLING:
