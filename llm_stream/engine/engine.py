@@ -172,9 +172,7 @@ class Engine:
 
     async def complete(self, request: GenerationRequest) -> Completion:
         self.check_accepting()
-        model, sequence = await self._prepare(request)
-        (outbox,) = self._submit(model, sequence)
-        return await self._collect(model, sequence, outbox)
+        return await self._complete(request)
 
     async def batch(
         self, items: Items[GenerationRequest | Exception]
@@ -242,9 +240,7 @@ class Engine:
                 sampling=SamplingParams(max_tokens=tokens),
             )
             started = time.monotonic()
-            model, sequence = await self._prepare(request)
-            (outbox,) = self._submit(model, sequence)
-            completion = await self._collect(model, sequence, outbox)
+            completion = await self._complete(request)
             log.info(
                 "warm-up of %s generated %d tokens in %.2f s",
                 model_id,
@@ -253,6 +249,11 @@ class Engine:
             )
 
     # -- the path every request takes -----------------------------------------
+
+    async def _complete(self, request: GenerationRequest) -> Completion:
+        model, sequence = await self._prepare(request)
+        (outbox,) = self._submit(model, sequence)
+        return await self._collect(model, sequence, outbox)
 
     async def _prepare(self, request: GenerationRequest) -> tuple[_Model, Sequence]:
         model = self._model(request.model_id)
@@ -303,15 +304,12 @@ class Engine:
         started = time.monotonic()
         parts: list[str] = []
         end: StreamEnd | None = None
-        events = self._events(model, sequence, outbox)
-        try:
+        async with aclosing(self._events(model, sequence, outbox)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
                 else:
                     end = event
-        finally:
-            await events.aclose()
         assert end is not None  # _events always ends with a StreamEnd or raises
         return Completion(
             text="".join(parts),
