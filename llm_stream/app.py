@@ -18,10 +18,13 @@ from llm_stream.engine.engine import Engine, EngineState
 from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
 from llm_stream.metrics import ServerMetrics
+from llm_stream.protocol.api_keys import ApiKeyStore
 from llm_stream.protocol.convert import RequestLimits
+from llm_stream.protocol.guard import CallGate
 from llm_stream.protocol.health import HealthState
-from llm_stream.protocol.server import build_grpc_server
+from llm_stream.protocol.server import bind, build_grpc_server, build_health_server
 from llm_stream.protocol.servicer import InferenceServicer
+from llm_stream.protocol.tls import TLSConfigError
 from llm_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,31 +56,63 @@ def batch_limits(settings: Settings) -> BatchLimits:
     )
 
 
+def load_api_keys(settings: Settings) -> ApiKeyStore | None:
+    if settings.api_keys_file is None:
+        return None
+    try:
+        return ApiKeyStore(settings.api_keys_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OSError(f"cannot read --api-keys-file {settings.api_keys_file}: {exc}") from exc
+
+
 class LLMStreamServer:
+    """Raises OSError, saying what to fix, when a port, certificate or key file is unusable."""
+
     def __init__(self, settings: Settings, load_models: ModelLoader = load_configured_models):
         self.settings = settings
         self._load_models = load_models
         self.engine = Engine(batch_limits(settings))
         self.health = HealthState()
         self.metrics = ServerMetrics(self.engine, self.health)
+        pushback_ms = round(settings.retry_pushback_s * 1000)
         servicer = InferenceServicer(
             self.engine,
             self.health,
             RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
             settings.max_batch_size,
             on_rejected=self.metrics.rejected,
+            retry_pushback_ms=pushback_ms,
         )
-        self._server = build_grpc_server(settings, servicer, self.health)
+        self.gate = CallGate(
+            load_api_keys(settings),
+            settings.max_concurrent_per_key,
+            pushback_ms,
+            on_rejected=self.metrics.rejected,
+        )
+        self._server = build_grpc_server(settings, servicer, self.health, self.gate)
+        self._health_server = build_health_server(self.health) if settings.health_port else None
         self.port = 0
+        self.health_port = 0
         self.metrics_port = 0
         self.ready: asyncio.Task[None] | None = None
 
-    async def start(self) -> int:
-        """Bind and start serving health; load and warm up in the background."""
+    def _bind(self) -> None:
         try:
-            self.port = self._server.add_insecure_port(self.settings.address)
+            self.port = bind(self._server, self.settings.address, self.settings)
+        except TLSConfigError as exc:
+            raise OSError(f"cannot serve TLS: {exc}") from exc
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self.settings.address}: {exc}") from exc
+        if self._health_server is not None:
+            address = f"{self.settings.host}:{self.settings.health_port}"
+            try:
+                self.health_port = self._health_server.add_insecure_port(address)
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {address} (--health-port): {exc}") from exc
+
+    async def start(self) -> int:
+        """Bind and start serving health; load and warm up in the background."""
+        self._bind()
         await self.health.start()
         if self.settings.metrics_port:
             try:
@@ -90,11 +125,30 @@ class LLMStreamServer:
                     f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
                 ) from exc
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         log.info(
-            "listening on %s:%d (health NOT_SERVING until warm-up)", self.settings.host, self.port
+            "listening on %s:%d%s%s (health NOT_SERVING until warm-up)",
+            self.settings.host,
+            self.port,
+            self._security_summary(),
+            f"; health only on {self.health_port}" if self._health_server else "",
         )
         self.ready = asyncio.create_task(self._load_and_warm_up(), name="load-and-warm-up")
         return self.port
+
+    def _security_summary(self) -> str:
+        settings = self.settings
+        parts = []
+        if settings.tls_cert is not None:
+            parts.append("mTLS" if settings.tls_client_ca is not None else "TLS")
+        else:
+            parts.append("plaintext")
+        if settings.api_keys_file is not None:
+            parts.append(f"API keys from {settings.api_keys_file}")
+        if settings.max_concurrent_per_key:
+            parts.append(f"{settings.max_concurrent_per_key} generations per key")
+        return " (" + ", ".join(parts) + ")"
 
     async def _load_and_warm_up(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +181,8 @@ class LLMStreamServer:
         # stop() refuses new RPCs, waits up to grace for running ones, then cancels them;
         # cancelled handlers set their stop signals, which ends their generations.
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.engine.close()
         self.metrics.close()
         log.info("stopped")

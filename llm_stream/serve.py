@@ -22,8 +22,8 @@ log = logging.getLogger("llm_stream.serve")
 
 
 async def run(settings: Settings) -> int:
-    server = LLMStreamServer(settings)
     try:
+        server = LLMStreamServer(settings)
         await server.start()
     except OSError as exc:
         log.error("%s", exc)

@@ -57,6 +57,21 @@ class Settings:
     # Prometheus metrics over HTTP on this port (same host); 0 turns them off.
     metrics_port: int = 0
     reflection: bool = True
+    # TLS on the gRPC port (PEM files, re-read when they change); with tls_client_ca
+    # clients must present a certificate signed by it (mTLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # A plaintext port serving only grpc.health.v1 (for probes that cannot speak
+    # TLS); 0 turns it off.
+    health_port: int = 0
+    # Bearer keys, one per line, re-read when the file changes; None: no auth.
+    api_keys_file: Path | None = None
+    # Generations (running + queued) one API key may hold; 0: no per-key cap.
+    max_concurrent_per_key: int = 0
+    # How long a client turned away with RESOURCE_EXHAUSTED is told to wait before
+    # retrying (grpc-retry-pushback-ms).
+    retry_pushback_s: float = 0.5
     warmup_tokens: int = 2
     log_level: str = "INFO"
 

@@ -69,13 +69,21 @@ async def running_server(
     load_models: Callable[[Settings], Sequence[ModelBackend]] = load_configured_models,
     channel_options: Sequence[tuple[str, Any]] = (),
     compression: grpc.Compression | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """A real server on an ephemeral port, with a real channel to it."""
+    """A real server on an ephemeral port, with a real channel to it (TLS with
+    ``credentials``)."""
     server = LLMStreamServer(settings, load_models=load_models)
     await server.start()
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{server.port}", options=list(channel_options), compression=compression
-    )
+    target = f"127.0.0.1:{server.port}"
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(
+            target, options=list(channel_options), compression=compression
+        )
+    else:
+        channel = grpc.aio.secure_channel(
+            target, credentials, options=list(channel_options), compression=compression
+        )
     try:
         if wait_ready:
             assert server.ready is not None

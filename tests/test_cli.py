@@ -52,8 +52,23 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--compression": ("none", "compression", "none"),
     "--metrics-port": ("9100", "metrics_port", 9100),
     "--reflection": ("false", "reflection", False),
+    "--tls-cert": ("/tls/tls.crt", "tls_cert", Path("/tls/tls.crt")),
+    "--tls-key": ("/tls/tls.key", "tls_key", Path("/tls/tls.key")),
+    "--tls-client-ca": ("/tls/ca.crt", "tls_client_ca", Path("/tls/ca.crt")),
+    "--health-port": ("50052", "health_port", 50052),
+    "--api-keys-file": ("/keys/api-keys", "api_keys_file", Path("/keys/api-keys")),
+    "--max-concurrent-per-key": ("4", "max_concurrent_per_key", 4),
+    "--retry-pushback": ("1.5", "retry_pushback_s", 1.5),
     "--warmup-tokens": ("3", "warmup_tokens", 3),
     "--log-level": ("DEBUG", "log_level", "DEBUG"),
+}
+
+# Flags that only make sense with others: the others, given as flags alongside.
+COMPANIONS: dict[str, list[str]] = {
+    "--tls-cert": ["--tls-key", "/tls/tls.key"],
+    "--tls-key": ["--tls-cert", "/tls/tls.crt"],
+    "--tls-client-ca": ["--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key"],
+    "--max-concurrent-per-key": ["--api-keys-file", "/keys/api-keys"],
 }
 
 
@@ -79,9 +94,10 @@ def test_defaults_without_flags_or_env() -> None:
 @pytest.mark.parametrize("flag", sorted(SAMPLES))
 def test_every_flag_has_an_env_var(flag: str) -> None:
     text, field, expected = SAMPLES[flag]
+    companions = COMPANIONS.get(flag, [])
     assert getattr(Settings(), field) != expected
-    assert getattr(parse_settings([flag, text], {}), field) == expected
-    assert getattr(parse_settings([], {env_name(flag): text}), field) == expected
+    assert getattr(parse_settings([flag, text, *companions], {}), field) == expected
+    assert getattr(parse_settings(companions, {env_name(flag): text}), field) == expected
     assert env_name(flag) in build_parser().format_help().replace("\n", " ")
 
 
@@ -123,6 +139,12 @@ def test_model_flag_repeats_and_env_is_comma_separated() -> None:
         ([], {"LLM_STREAM_MAX_CONCURRENT": "0"}, ("LLM_STREAM_MAX_CONCURRENT", "at least 1")),
         ([], {"LLM_STREAM_PORT": "x"}, ("LLM_STREAM_PORT",)),
         ([], {"LLM_STREAM_REFLECTION": "perhaps"}, ("LLM_STREAM_REFLECTION",)),
+        (["--tls-cert", "/c.pem"], {}, ("--tls-cert and --tls-key",)),
+        ([], {"LLM_STREAM_TLS_KEY": "/k.pem"}, ("--tls-cert and --tls-key",)),
+        (["--tls-client-ca", "/ca.pem"], {}, ("--tls-client-ca", "needs TLS")),
+        (["--max-concurrent-per-key", "2"], {}, ("--api-keys-file",)),
+        (["--health-port", "50051"], {}, ("--health-port", "differ")),
+        (["--retry-pushback", "-1"], {}, ("--retry-pushback", "negative")),
     ],
 )
 def test_bad_values_are_a_clear_usage_error(

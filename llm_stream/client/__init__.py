@@ -1,9 +1,11 @@
 """An asyncio client for ``inference.v1.InferenceService`` that frontends import.
 
 One channel is reused for every call; requests are gzip-compressed; calls wait
-for the server to be reachable and are retried on UNAVAILABLE by the channel's
-service config (a stream only until its first token, as gRPC retries do);
-several targets or a ``dns:///`` name are balanced per request with round_robin.
+for the server to be reachable and are retried by the channel's service config
+on UNAVAILABLE and on RESOURCE_EXHAUSTED (after the pause the server asks for
+with ``grpc-retry-pushback-ms``, so a burst is absorbed); a stream only until
+its first token, as gRPC retries do. Several targets or a ``dns:///`` name are
+balanced per request with round_robin. TLS, mTLS and an API key are options.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +37,7 @@ SERVICE_CONFIG = {
                 "initialBackoff": "0.2s",
                 "maxBackoff": "3s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
             },
         }
     ],
@@ -110,8 +113,35 @@ def make_request(
     )
 
 
+def _pem(source: bytes | str | Path | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def channel_credentials(
+    ca_cert: bytes | str | Path | None = None,
+    client_cert: bytes | str | Path | None = None,
+    client_key: bytes | str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: the server checked against ``ca_cert`` (default: the system's
+    roots); with ``client_cert`` and ``client_key``, this client's certificate (mTLS)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together: give both, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(ca_cert),
+        private_key=_pem(client_key),
+        certificate_chain=_pem(client_cert),
+    )
+
+
 class InferenceClient:
-    """``async with InferenceClient("host:50051") as client: ...``"""
+    """``async with InferenceClient("host:50051") as client: ...``
+
+    ``tls=True`` (implied by ``ca_cert`` or a client certificate) speaks TLS;
+    ``api_key`` is sent as ``authorization: Bearer <key>`` on every inference call.
+    """
 
     def __init__(
         self,
@@ -120,6 +150,11 @@ class InferenceClient:
         compression: grpc.Compression = grpc.Compression.Gzip,
         max_message_bytes: int = 100 * 1024 * 1024,
         keepalive_time_s: float = 30.0,
+        tls: bool = False,
+        ca_cert: bytes | str | Path | None = None,
+        client_cert: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
+        api_key: str | None = None,
     ) -> None:
         options: list[tuple[str, Any]] = [
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
@@ -132,8 +167,21 @@ class InferenceClient:
             ("grpc.keepalive_permit_without_calls", 1),
         ]
         self.target = channel_target(target)
-        self.channel = grpc.aio.insecure_channel(
-            self.target, options=options, compression=compression
+        if tls or ca_cert is not None or client_cert is not None or client_key is not None:
+            self.channel = grpc.aio.secure_channel(
+                self.target,
+                channel_credentials(ca_cert, client_cert, client_key),
+                options=options,
+                compression=compression,
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(
+                self.target, options=options, compression=compression
+            )
+        # Sent as call metadata rather than call credentials, which gRPC refuses to
+        # send over plaintext: a local server with keys and no TLS works too.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
         )
         self._stub = pb_grpc.InferenceServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -174,7 +222,7 @@ class InferenceClient:
         self, prompt: str, *, timeout: float | None = None, **options: Any
     ) -> pb.PredictResponse:
         response: pb.PredictResponse = await self._stub.Predict(
-            make_request(prompt, **options), timeout=timeout
+            make_request(prompt, **options), timeout=timeout, metadata=self._metadata
         )
         return response
 
@@ -182,7 +230,9 @@ class InferenceClient:
         self, prompt: str, *, timeout: float | None = None, **options: Any
     ) -> AsyncIterator[pb.PredictToken]:
         """Token messages as they arrive; the last has ``is_final`` set."""
-        call = self._stub.StreamPredict(make_request(prompt, **options), timeout=timeout)
+        call = self._stub.StreamPredict(
+            make_request(prompt, **options), timeout=timeout, metadata=self._metadata
+        )
         try:
             async for token in call:
                 yield token
@@ -193,10 +243,14 @@ class InferenceClient:
         self, requests: Sequence[pb.PredictRequest], *, timeout: float | None = None
     ) -> pb.BatchPredictResponse:
         response: pb.BatchPredictResponse = await self._stub.BatchPredict(
-            pb.BatchPredictRequest(requests=list(requests)), timeout=timeout
+            pb.BatchPredictRequest(requests=list(requests)),
+            timeout=timeout,
+            metadata=self._metadata,
         )
         return response
 
     async def check(self, service: str = INFERENCE_SERVICE) -> int:
-        response = await self._stub.Check(pb.HealthCheckRequest(service=service))
+        response = await self._stub.Check(
+            pb.HealthCheckRequest(service=service), metadata=self._metadata
+        )
         return int(response.status)

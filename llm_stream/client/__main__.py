@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
@@ -42,10 +43,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--wait", type=float, default=120.0, help="seconds to wait for the server to be ready"
     )
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls", action="store_true", help="speak TLS, checking the server against system roots"
+    )
+    security.add_argument(
+        "--ca-cert", type=Path, default=None, help="PEM CA that signed the server (implies --tls)"
+    )
+    security.add_argument(
+        "--client-cert", type=Path, default=None, help="PEM certificate for mTLS (implies --tls)"
+    )
+    security.add_argument("--client-key", type=Path, default=None, help="its PEM private key")
+    security.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_STREAM_API_KEY"),
+        help="sent as 'authorization: Bearer <key>' (env LLM_STREAM_API_KEY, which keeps "
+        "the key out of the process list)",
+    )
     return parser
 
 
-async def run(args: argparse.Namespace) -> int:
+def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> InferenceClient:
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together")
+    try:
+        return InferenceClient(
+            args.target,
+            tls=args.tls,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+            api_key=args.api_key or None,
+        )
+    except OSError as exc:
+        parser.error(f"cannot read {exc.filename}: {exc.strerror}")
+
+
+async def run(args: argparse.Namespace, client: InferenceClient) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options = {
         "model_id": args.model,
@@ -58,7 +92,7 @@ async def run(args: argparse.Namespace) -> int:
         "repetition_penalty": args.repetition_penalty,
         "apply_chat_template": False if args.raw else None,
     }
-    async with InferenceClient(args.target) as client:
+    async with client:
         await client.wait_ready(timeout=args.wait)
         if args.unary:
             response = await client.predict(prompt, timeout=args.timeout, **options)
@@ -88,10 +122,11 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(message)s]", stream=sys.stderr)
     try:
-        return asyncio.run(run(args))
+        return asyncio.run(_run(parser, args))
     except grpc.aio.AioRpcError as exc:
         log.error("%s: %s", exc.code().name, exc.details())
         return 1
@@ -100,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+async def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # The channel is made inside the event loop that uses it.
+    return await run(args, _client(parser, args))
 
 
 if __name__ == "__main__":

@@ -367,7 +367,8 @@ class Engine:
             steps_after_cancel=steps_after_cancel,
         )
         log.info(
-            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s, first after %s)%s",
+            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s, first after %s)"
+            "%s%s",
             record.request_id,
             record.finish_reason.value if record.finish_reason else "error",
             record.completion_tokens,
@@ -375,6 +376,9 @@ class Engine:
             record.completion_tokens / record.duration_s if record.duration_s > 0 else 0.0,
             "-" if record.first_token_s is None else f"{record.first_token_s * 1000:.0f} ms",
             f" error={record.error}" if record.error else "",
+            f" client={sequence.prepared.request.client}"
+            if sequence.prepared.request.client
+            else "",
         )
         return record
 

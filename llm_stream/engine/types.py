@@ -35,6 +35,8 @@ class GenerationRequest:
     sampling: SamplingParams
     # None: use the chat template when the tokenizer has one.
     apply_chat_template: bool | None = None
+    # Who asked, for the log: an API key's id (never the key); "" without keys.
+    client: str = ""
 
 
 class FinishReason(enum.Enum):

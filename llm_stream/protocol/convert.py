@@ -157,3 +157,8 @@ def completion_to_pb(request_id: str, completion: Completion) -> pb.PredictRespo
         finish_reason=FINISH_REASON_TO_PB[completion.finish_reason],
         usage=usage_pb(completion.prompt_tokens, completion.completion_tokens),
     )
+
+
+def request_id_header(request_id: str) -> str:
+    """``request_id`` for the x-request-id header: ASCII metadata, so others are escaped."""
+    return request_id.encode("ascii", "backslashreplace").decode("ascii")

@@ -11,9 +11,10 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_stream.protocol.guard import CallGate, guarded_service_handler
 from llm_stream.protocol.health import HealthState
 from llm_stream.protocol.servicer import InferenceServicer
+from llm_stream.protocol.tls import TLSFiles, server_credentials
 from llm_stream.settings import Settings
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -54,15 +55,34 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def build_grpc_server(
-    settings: Settings, servicer: InferenceServicer, health_state: HealthState
+    settings: Settings,
+    servicer: InferenceServicer,
+    health_state: HealthState,
+    gate: CallGate,
 ) -> grpc.aio.Server:
-    """The inference service, grpc.health.v1 and (if enabled) reflection, not yet bound."""
+    """The inference service behind ``gate``, grpc.health.v1 and (if enabled)
+    reflection, not yet bound."""
     compression = grpc.Compression.Gzip if settings.compression == "gzip" else None
     server = grpc.aio.server(options=server_options(settings), compression=compression)
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((guarded_service_handler(servicer, gate),))
     health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
     return server
+
+
+def build_health_server(health_state: HealthState) -> grpc.aio.Server:
+    """A server with nothing but grpc.health.v1, for a plaintext probe port beside TLS."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
+    return server
+
+
+def bind(server: grpc.aio.Server, address: str, settings: Settings) -> int:
+    """Bind ``address`` with TLS when the settings name certificates; returns the port."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return int(server.add_insecure_port(address))
+    files = TLSFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return int(server.add_secure_port(address, server_credentials(files)))

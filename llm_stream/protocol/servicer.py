@@ -7,6 +7,7 @@ nothing unexpected leaks a stack trace to the client.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,19 +19,20 @@ import grpc
 from llm_stream.engine.engine import Engine
 from llm_stream.engine.types import Completion, GenerationRequest, TokenEvent
 from llm_stream.errors import InvalidRequestError, LLMStreamError
-from llm_stream.logging_setup import request_id_var
+from llm_stream.logging_setup import key_id_var, request_id_var
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.protocol.convert import (
     RequestLimits,
     completion_to_pb,
+    request_id_header,
     request_id_of,
     stream_end_to_pb,
     to_generation_request,
     token_to_pb,
 )
 from llm_stream.protocol.health import HealthState
-from llm_stream.protocol.status import status_for
+from llm_stream.protocol.status import abort_with, status_for
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ async def _abort(
     exc: Exception,
     request_id: str,
     on_rejected: Callable[[str], None],
+    pushback_ms: int,
 ) -> NoReturn:
     code, message = status_for(exc, request_id)
     on_rejected(code.name)
@@ -48,8 +51,12 @@ async def _abort(
     else:
         # The id the client was given, spelled out for whoever greps the log for it.
         log.error("request %s failed", request_id, exc_info=exc)
-    await context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover
+    await abort_with(context, code, message, pushback_ms)
+
+
+def _from_client(request: GenerationRequest) -> GenerationRequest:
+    """The request labelled with the caller's key id (set by the guard), for the log."""
+    return dataclasses.replace(request, client=key_id_var.get())
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -59,9 +66,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         health: HealthState,
         limits: RequestLimits,
         max_batch_size: int,
+        *,
         on_rejected: Callable[[str], None] = lambda _code: None,
+        retry_pushback_ms: int = 500,
     ) -> None:
         self._on_rejected = on_rejected
+        self._pushback_ms = retry_pushback_ms
         self._engine = engine
         self._health = health
         self._limits = limits
@@ -70,7 +80,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def _request(self, message: pb.PredictRequest) -> GenerationRequest:
         request_id = request_id_of(message)
         request_id_var.set(request_id)
-        return to_generation_request(message, self._limits, request_id)
+        return _from_client(to_generation_request(message, self._limits, request_id))
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
@@ -82,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             completion = await self._engine.complete(generation)
             return completion_to_pb(request_id, completion)
         except Exception as exc:
-            await _abort(context, exc, request_id, self._on_rejected)
+            await _abort(context, exc, request_id, self._on_rejected, self._pushback_ms)
 
     async def StreamPredict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
@@ -91,15 +101,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             generation = self._request(request)
             request_id = generation.request_id
-            await context.send_initial_metadata((("x-request-id", request_id),))
+            headers_sent = False
             async with aclosing(self._engine.stream(generation)) as events:
                 async for event in events:
+                    if not headers_sent:
+                        # Headers go with the first token, not before admission: a call
+                        # turned away before any header is one gRPC clients may retry.
+                        await context.send_initial_metadata(
+                            (("x-request-id", request_id_header(request_id)),)
+                        )
+                        headers_sent = True
                     if isinstance(event, TokenEvent):
                         yield token_to_pb(event)
                     else:
                         yield stream_end_to_pb(event)
         except Exception as exc:
-            await _abort(context, exc, request_id, self._on_rejected)
+            await _abort(context, exc, request_id, self._on_rejected, self._pushback_ms)
 
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
@@ -119,7 +136,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             for message in request.requests:
                 ids.append(request_id_of(message))
                 try:
-                    items.append(to_generation_request(message, self._limits, ids[-1]))
+                    items.append(
+                        _from_client(to_generation_request(message, self._limits, ids[-1]))
+                    )
                 except LLMStreamError as exc:
                     items.append(exc)
             results = await self._engine.batch(items)
@@ -127,7 +146,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 results=[self._batch_result(i, r) for i, r in zip(ids, results, strict=True)]
             )
         except Exception as exc:
-            await _abort(context, exc, batch_id, self._on_rejected)
+            await _abort(context, exc, batch_id, self._on_rejected, self._pushback_ms)
 
     @staticmethod
     def _batch_result(request_id: str, result: Completion | Exception) -> pb.BatchPredictResult:

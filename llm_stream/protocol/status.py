@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 
 from llm_stream.errors import (
@@ -12,6 +14,9 @@ from llm_stream.errors import (
     OverloadedError,
     UnavailableError,
 )
+
+# The trailing metadata gRPC clients' retry policies read as "wait this long, then retry".
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 STATUS_FOR_ERROR: dict[type[LLMStreamError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -32,3 +37,13 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
         grpc.StatusCode.INTERNAL,
         f"internal error while serving request {request_id}; the server log has the details",
     )
+
+
+async def abort_with(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, pushback_ms: int
+) -> NoReturn:
+    """End the call with ``code``; a RESOURCE_EXHAUSTED tells the client when to retry."""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback_ms)),))
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover

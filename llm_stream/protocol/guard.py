@@ -1,0 +1,221 @@
+"""The gate in front of every InferenceService RPC.
+
+The service is registered here rather than through the generated helper, so that
+each call passes, in order:
+
+1. decoding that never raises: bytes that are not the expected message become
+   INVALID_ARGUMENT naming that message, instead of grpc's UNKNOWN with a Python
+   class name;
+2. the API key check (with ``--api-keys-file``): UNAUTHENTICATED saying how to
+   authenticate;
+3. the per-key cap on generations held (``--max-concurrent-per-key``):
+   RESOURCE_EXHAUSTED with a retry pushback, while other keys are still served;
+4. a last net: anything unexpected that escapes the servicer is INTERNAL with a
+   request id, logged with its trace, never shown to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf.message import Message
+
+from llm_stream.logging_setup import key_id_var, request_id_var
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from llm_stream.protocol.api_keys import ApiKeyStore
+from llm_stream.protocol.status import abort_with
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
+HOW_TO_AUTHENTICATE = (
+    "send the metadata 'authorization: Bearer <key>' with a key from the server's "
+    "--api-keys-file (python -m llm_stream.client --api-key KEY, or LLM_STREAM_API_KEY)"
+)
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What the lenient deserializer returns for bytes that do not parse."""
+
+    type_name: str
+
+
+def lenient_deserializer(message_class: type[Message]) -> Callable[[bytes], Any]:
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message_class.FromString(data)
+        except Exception:  # DecodeError, or a string field that is not UTF-8
+            return Undecodable(type_name)
+
+    return parse
+
+
+def generations_held(request: Message) -> int:
+    """How many generations a request holds while it runs (what the per-key cap counts)."""
+    if isinstance(request, pb.BatchPredictRequest):
+        return len(request.requests)
+    if isinstance(request, pb.PredictRequest):
+        return 1
+    return 0
+
+
+class CallGate:
+    """Authentication and the per-key cap, shared by every call of the service."""
+
+    def __init__(
+        self,
+        keys: ApiKeyStore | None = None,
+        max_per_key: int = 0,
+        pushback_ms: int = 500,
+        on_rejected: Callable[[str], None] = lambda _code: None,
+    ) -> None:
+        self._keys = keys
+        self._max_per_key = max_per_key
+        self._pushback_ms = pushback_ms
+        self._on_rejected = on_rejected
+        self._held: Counter[str] = Counter()
+
+    def held_by(self, key: str) -> int:
+        return self._held[key]
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+    ) -> NoReturn:
+        self._on_rejected(code.name)
+        log.info("request rejected: %s %s", code.name, message)
+        await abort_with(context, code, message, self._pushback_ms)
+
+    async def admit(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[str, int]:
+        """The caller's key id and the generations it now holds; aborts the call if refused."""
+        if isinstance(request, Undecodable):
+            await self._reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {request.type_name} (malformed protobuf, or a "
+                f"string field that is not UTF-8); encode a {request.type_name} with the "
+                "inference.v1 proto",
+            )
+        key = ""
+        if self._keys is not None:
+            authorization = dict(context.invocation_metadata() or ()).get("authorization")
+            if authorization is None:
+                await self._reject(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"this server needs an API key: {HOW_TO_AUTHENTICATE}",
+                )
+            found = self._keys.identify(str(authorization))
+            if found is None:
+                await self._reject(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"the API key sent is not valid (unknown or revoked): {HOW_TO_AUTHENTICATE}",
+                )
+            key = found
+            key_id_var.set(key)
+        units = generations_held(request)
+        if key and self._max_per_key and units:
+            if units > self._max_per_key:
+                await self._reject(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"this request holds {units} generations but an API key may hold at "
+                    f"most {self._max_per_key} at once: split it",
+                )
+            if self._held[key] + units > self._max_per_key:
+                await self._reject(
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"API key {key} already holds {self._held[key]} of its "
+                    f"{self._max_per_key} concurrent generations; retry when one finishes",
+                )
+        if key and units:
+            self._held[key] += units
+        return key, units
+
+    def release(self, key: str, units: int) -> None:
+        if key and units:
+            self._held[key] -= units
+            if self._held[key] <= 0:
+                del self._held[key]
+
+
+async def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+    request_id = request_id_var.get()
+    if request_id == "-":
+        request_id = uuid.uuid4().hex
+    log.error("request %s failed", request_id, exc_info=exc)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error while serving request {request_id}; the server log has the details",
+    )
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Message]]
+
+
+def _guard_unary(gate: CallGate, behaviour: UnaryBehaviour) -> UnaryBehaviour:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
+        key, units = await gate.admit(request, context)
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _internal(context, exc)
+        finally:
+            gate.release(key, units)
+
+    return call
+
+
+def _guard_stream(gate: CallGate, behaviour: StreamBehaviour) -> StreamBehaviour:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        key, units = await gate.admit(request, context)
+        try:
+            async with aclosing(behaviour(request, context)) as replies:  # type: ignore[type-var]
+                async for reply in replies:
+                    yield reply
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _internal(context, exc)
+        finally:
+            gate.release(key, units)
+
+    return call
+
+
+def guarded_service_handler(servicer: object, gate: CallGate) -> grpc.GenericRpcHandler:
+    """InferenceService's methods on ``servicer``, each behind ``gate``."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        assert not method.client_streaming, "every InferenceService method takes one request"
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guard_stream(gate, behaviour),
+                request_deserializer=lenient_deserializer(request_class),
+                response_serializer=response_class.SerializeToString,
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(gate, behaviour),
+                request_deserializer=lenient_deserializer(request_class),
+                response_serializer=response_class.SerializeToString,
+            )
+    return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

@@ -1,0 +1,224 @@
+"""TLS and mTLS on the gRPC port, certificate rotation, and the plaintext health port.
+
+Every certificate is real (tests/certs.py); every call goes through a real channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_stream.app import LLMStreamServer
+from llm_stream.client import InferenceClient, channel_credentials
+from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
+from tests.certs import CertificateAuthority, Issued
+from tests.conftest import (
+    collect_stream,
+    free_port,
+    prompt_request,
+    running_server,
+    tiny_settings,
+)
+
+HEALTH = health_pb2.HealthCheckRequest(service="inference.v1.InferenceService")
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path / "ca")
+
+
+async def predict_over(
+    port: int, credentials: grpc.ChannelCredentials | None, timeout: float = 10
+) -> str:
+    """One Predict through a fresh channel (so a fresh handshake)."""
+    target = f"127.0.0.1:{port}"
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        channel = grpc.aio.secure_channel(target, credentials)
+    async with channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        response = await stub.Predict(prompt_request("Hello", max_tokens=3), timeout=timeout)
+        return str(response.text)
+
+
+async def refused(port: int, credentials: grpc.ChannelCredentials | None) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await predict_over(port, credentials, timeout=5)
+    return raised.value
+
+
+def install(issued: Issued, cert: Path, key: Path) -> None:
+    """Replace the served files the way a Secret volume does: new files, then a rename."""
+    for source, target in ((issued.cert, cert), (issued.key, key)):
+        staging = target.with_suffix(".new")
+        staging.write_bytes(source.read_bytes())
+        os.replace(staging, target)
+
+
+async def test_tls_serves_tls_clients_and_refuses_plaintext(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority
+) -> None:
+    server_cert = ca.issue_server()
+    settings = tiny_settings(
+        tiny_model_dir, cache_dir, tls_cert=server_cert.cert, tls_key=server_cert.key
+    )
+    credentials = channel_credentials(ca.cert)
+    async with running_server(settings, credentials=credentials) as running:
+        tokens = await collect_stream(running.stub, prompt_request("Hello", max_tokens=4))
+        assert tokens[-1].is_final
+        assert await predict_over(running.server.port, credentials)
+
+        # Plaintext on a TLS port never reaches the service.
+        error = await refused(running.server.port, None)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        # Nor does a client that trusts another CA.
+        other = CertificateAuthority(ca.folder.parent / "other", name="other CA")
+        error = await refused(running.server.port, channel_credentials(other.cert))
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+        # The project's own client speaks TLS with a CA file.
+        async with InferenceClient(f"127.0.0.1:{running.server.port}", ca_cert=ca.cert) as client:
+            response = await client.predict("Hello", max_tokens=3)
+            assert response.usage.completion_tokens > 0
+
+
+async def test_mtls_refuses_clients_without_a_certificate_from_the_ca(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority
+) -> None:
+    server_cert = ca.issue_server()
+    client_cert = ca.issue_client()
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=server_cert.cert,
+        tls_key=server_cert.key,
+        tls_client_ca=ca.cert,
+    )
+    good = channel_credentials(ca.cert, client_cert.cert, client_cert.key)
+    async with running_server(settings, credentials=good) as running:
+        port = running.server.port
+        assert await predict_over(port, good)
+
+        # No client certificate: refused at the handshake, before any RPC.
+        error = await refused(port, channel_credentials(ca.cert))
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+        # A certificate from a CA the server does not trust: refused too.
+        stranger_ca = CertificateAuthority(ca.folder.parent / "stranger", name="stranger CA")
+        stranger = stranger_ca.issue_client("stranger")
+        error = await refused(port, channel_credentials(ca.cert, stranger.cert, stranger.key))
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+        async with InferenceClient(
+            f"127.0.0.1:{port}",
+            ca_cert=ca.cert,
+            client_cert=client_cert.cert,
+            client_key=client_cert.key,
+        ) as client:
+            assert (await client.predict("Hello", max_tokens=2)).usage.completion_tokens > 0
+
+
+async def test_rotated_certificates_are_served_without_a_restart(
+    tiny_model_dir: Path,
+    cache_dir: Path,
+    ca: CertificateAuthority,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served = tmp_path / "served"
+    served.mkdir()
+    cert, key = served / "tls.crt", served / "tls.key"
+    install(ca.issue_server(), cert, key)
+    settings = tiny_settings(tiny_model_dir, cache_dir, tls_cert=cert, tls_key=key)
+    old_trust = channel_credentials(ca.cert)
+    async with running_server(settings, credentials=old_trust) as running:
+        port = running.server.port
+        assert await predict_over(port, old_trust)
+        # This channel connects now, before the rotation.
+        assert (await running.stub.Predict(prompt_request("first", max_tokens=2))).text
+
+        # cert-manager renews with a new issuer: new connections get the new pair.
+        new_ca = CertificateAuthority(tmp_path / "new-ca", name="renewed CA")
+        new_trust = channel_credentials(new_ca.cert)
+        install(new_ca.issue_server(), cert, key)
+        assert await predict_over(port, new_trust)
+        error = await refused(port, old_trust)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+        # The connection opened before the rotation keeps working.
+        assert (await running.stub.Predict(prompt_request("still", max_tokens=2))).text
+
+        # A broken pair (a key that does not match) is refused; the last good one stays.
+        with caplog.at_level(logging.ERROR, logger="llm_stream.protocol.tls"):
+            key.write_bytes(ca.issue_server("mismatch").key_pem)
+            assert await predict_over(port, new_trust)
+        assert "keeping the last ones" in caplog.text
+
+
+async def test_health_port_serves_only_health_in_plaintext(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority
+) -> None:
+    server_cert = ca.issue_server()
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=server_cert.cert,
+        tls_key=server_cert.key,
+        tls_client_ca=ca.cert,
+        health_port=free_port(),
+    )
+    client_cert = ca.issue_client()
+    credentials = channel_credentials(ca.cert, client_cert.cert, client_cert.key)
+    async with running_server(settings, credentials=credentials) as running:
+        assert running.server.health_port == settings.health_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.health_port}") as plain:
+            health = health_pb2_grpc.HealthStub(plain)
+            response = await health.Check(HEALTH, timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+            # Nothing else is served there.
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await pb_grpc.InferenceServiceStub(plain).Predict(
+                    prompt_request("Hello", max_tokens=2), timeout=5
+                )
+            assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+            # Draining shows on the health port too.
+            await running.server.health.mark_draining()
+            response = await health.Check(HEALTH, timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize(
+    ("which", "fragment"),
+    [("cert", "--tls-cert"), ("key", "cannot read"), ("ca", "--tls-client-ca")],
+)
+async def test_unusable_tls_files_stop_the_start_with_a_clear_error(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority, which: str, fragment: str
+) -> None:
+    server_cert = ca.issue_server()
+    garbage = ca.folder / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    files = {"cert": server_cert.cert, "key": server_cert.key, "ca": ca.cert}
+    if which == "cert":
+        files["cert"] = garbage
+    elif which == "key":
+        files["key"] = ca.folder / "missing.key"
+    else:
+        files["ca"] = garbage
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=files["cert"],
+        tls_key=files["key"],
+        tls_client_ca=files["ca"],
+    )
+    server = LLMStreamServer(settings)
+    with pytest.raises(OSError, match=r"cannot serve TLS") as raised:
+        await server.start()
+    assert fragment in str(raised.value)
