@@ -274,3 +274,13 @@ def test_bad_models_file_is_a_load_error(tmp_path: Path, content: str, fragment:
         build_registry_config((), models_file, None)
     with pytest.raises(ModelLoadError, match="cannot read models file"):
         build_registry_config((), tmp_path / "absent.toml", None)
+
+
+def test_readme_documents_every_flag() -> None:
+    """The README's configuration table names each flag and its variable."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `--")}
+    for flag in sorted(parser_flags()):
+        assert any(row.startswith(f"`{flag}`") for row in rows), f"{flag} not in the README"
+        assert f"`{env_name(flag)}`" in table, f"{env_name(flag)} not in the README"

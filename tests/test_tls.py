@@ -24,6 +24,7 @@ from tests.conftest import (
     running_server,
     tiny_settings,
 )
+from tests.test_api_keys import run_cli
 
 HEALTH = health_pb2.HealthCheckRequest(service="inference.v1.InferenceService")
 
@@ -222,3 +223,28 @@ async def test_unusable_tls_files_stop_the_start_with_a_clear_error(
     with pytest.raises(OSError, match=r"cannot serve TLS") as raised:
         await server.start()
     assert fragment in str(raised.value)
+
+
+async def test_cli_speaks_mtls(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority
+) -> None:
+    server_cert, client_cert = ca.issue_server(), ca.issue_client()
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=server_cert.cert,
+        tls_key=server_cert.key,
+        tls_client_ca=ca.cert,
+    )
+    async with running_server(settings, wait_ready=True) as running:
+        target = ("--target", f"localhost:{running.server.port}", "--max-tokens", "3")
+        tls = ("--ca-cert", str(ca.cert))
+        mtls = (*tls, "--client-cert", str(client_cert.cert), "--client-key", str(client_cert.key))
+        code, out, err = await run_cli((*target, *mtls, "--raw", "Hello"), {})
+        assert code == 0, err
+        assert "finish=" in err
+        # Without a client certificate the handshake fails: a readable one-line error.
+        code, out, err = await run_cli((*target, *tls, "--wait", "2", "Hello"), {})
+        assert code == 1 and out == "" and "Traceback" not in err
+        code, _, err = await run_cli((*target, "--client-cert", str(client_cert.cert), "x"), {})
+        assert code == 2 and "--client-key" in err
