@@ -14,11 +14,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
+from llm_stream.access import AccessControl
+from llm_stream.access.api_keys import ApiKeyStore
 from llm_stream.engine.engine import Engine, EngineState
 from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
 from llm_stream.metrics import ServerMetrics
-from llm_stream.protocol.api_keys import ApiKeyStore
 from llm_stream.protocol.convert import RequestLimits
 from llm_stream.protocol.guard import CallGate
 from llm_stream.protocol.health import HealthState
@@ -83,12 +84,8 @@ class LLMStreamServer:
             on_rejected=self.metrics.rejected,
             retry_pushback_ms=pushback_ms,
         )
-        self.gate = CallGate(
-            load_api_keys(settings),
-            settings.max_concurrent_per_key,
-            pushback_ms,
-            on_rejected=self.metrics.rejected,
-        )
+        self.access = AccessControl(load_api_keys(settings), settings.max_concurrent_per_key)
+        self.gate = CallGate(self.access, pushback_ms, on_rejected=self.metrics.rejected)
         self._server = build_grpc_server(settings, servicer, self.health, self.gate)
         self._health_server = build_health_server(self.health) if settings.health_port else None
         self.port = 0

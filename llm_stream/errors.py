@@ -22,6 +22,10 @@ class OverloadedError(LLMStreamError):
     """Every generation slot is busy and the wait queue is full."""
 
 
+class UnauthenticatedError(LLMStreamError):
+    """No API key, or one the server does not hold, on a server that needs one."""
+
+
 class UnavailableError(LLMStreamError):
     """The server cannot take requests right now (warming up or draining)."""
 

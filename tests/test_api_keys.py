@@ -14,10 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from llm_stream.access.api_keys import ApiKeyStore, key_id, parse_keys
 from llm_stream.client import InferenceClient
 from llm_stream.logging_setup import LOG_FORMAT, RequestContextFilter
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.protocol.api_keys import ApiKeyStore, key_id, parse_keys
 from llm_stream.protocol.status import RETRY_PUSHBACK_KEY
 from tests.conftest import (
     RunningServer,
@@ -135,7 +135,7 @@ async def test_keys_are_added_and_revoked_without_a_restart(
             return grpc.StatusCode.OK
 
         assert await code_for(CAROL) is grpc.StatusCode.UNAUTHENTICATED
-        with caplog.at_level(logging.INFO, logger="llm_stream.protocol.api_keys"):
+        with caplog.at_level(logging.INFO, logger="llm_stream.access.api_keys"):
             write_keys(keys_file, BOB, CAROL)  # Carol added, Alice revoked
 
             async def reloaded() -> None:
@@ -180,7 +180,7 @@ async def test_one_key_cannot_take_every_slot(
     )
     async with running_server(settings, load_models=slow_models(0.01)) as running:
         held = await hold_streams(running, ALICE, 2)
-        assert running.server.gate.held_by(key_id(ALICE)) == 2
+        assert running.server.access.held_by(key_id(ALICE)) == 2
 
         # Alice's third generation is refused, with the pushback a client retries after ...
         call = running.stub.Predict(prompt_request("third", max_tokens=2), metadata=bearer(ALICE))
@@ -207,14 +207,14 @@ async def test_one_key_cannot_take_every_slot(
         # When one of Alice's streams ends, she may start another.
         held[0].cancel()
         await wait_in_flight(running, 1)
-        assert running.server.gate.held_by(key_id(ALICE)) == 1
+        assert running.server.access.held_by(key_id(ALICE)) == 1
         response = await running.stub.Predict(
             prompt_request("again", max_tokens=2), metadata=bearer(ALICE), timeout=30
         )
         assert response.usage.completion_tokens > 0
         held[1].cancel()
         await wait_in_flight(running, 0)
-        assert running.server.gate.held_by(key_id(ALICE)) == 0
+        assert running.server.access.held_by(key_id(ALICE)) == 0
 
 
 async def test_the_client_absorbs_a_burst_by_retrying_after_the_pushback(

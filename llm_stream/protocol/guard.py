@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -27,18 +26,15 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import Message
 
+from llm_stream.access import AccessControl
+from llm_stream.errors import LLMStreamError
 from llm_stream.logging_setup import key_id_var, request_id_var
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.protocol.api_keys import ApiKeyStore
-from llm_stream.protocol.status import abort_with
+from llm_stream.protocol.status import abort_with, status_for
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"]
-HOW_TO_AUTHENTICATE = (
-    "send the metadata 'authorization: Bearer <key>' with a key from the server's "
-    "--api-keys-file (python -m llm_stream.client --api-key KEY, or LLM_STREAM_API_KEY)"
-)
 
 
 @dataclass(frozen=True)
@@ -70,23 +66,17 @@ def generations_held(request: Message) -> int:
 
 
 class CallGate:
-    """Authentication and the per-key cap, shared by every call of the service."""
+    """Decoding, authentication and the per-key cap, in front of every call of the service."""
 
     def __init__(
         self,
-        keys: ApiKeyStore | None = None,
-        max_per_key: int = 0,
+        access: AccessControl,
         pushback_ms: int = 500,
         on_rejected: Callable[[str], None] = lambda _code: None,
     ) -> None:
-        self._keys = keys
-        self._max_per_key = max_per_key
+        self.access = access
         self._pushback_ms = pushback_ms
         self._on_rejected = on_rejected
-        self._held: Counter[str] = Counter()
-
-    def held_by(self, key: str) -> int:
-        return self._held[key]
 
     async def _reject(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
@@ -105,49 +95,19 @@ class CallGate:
                 f"string field that is not UTF-8); encode a {request.type_name} with the "
                 "inference.v1 proto",
             )
-        key = ""
-        if self._keys is not None:
-            authorization = dict(context.invocation_metadata() or ()).get("authorization")
-            if authorization is None:
-                await self._reject(
-                    context,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"this server needs an API key: {HOW_TO_AUTHENTICATE}",
-                )
-            found = self._keys.identify(str(authorization))
-            if found is None:
-                await self._reject(
-                    context,
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    f"the API key sent is not valid (unknown or revoked): {HOW_TO_AUTHENTICATE}",
-                )
-            key = found
-            key_id_var.set(key)
         units = generations_held(request)
-        if key and self._max_per_key and units:
-            if units > self._max_per_key:
-                await self._reject(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"this request holds {units} generations but an API key may hold at "
-                    f"most {self._max_per_key} at once: split it",
-                )
-            if self._held[key] + units > self._max_per_key:
-                await self._reject(
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"API key {key} already holds {self._held[key]} of its "
-                    f"{self._max_per_key} concurrent generations; retry when one finishes",
-                )
-        if key and units:
-            self._held[key] += units
+        try:
+            authorization = dict(context.invocation_metadata() or ()).get("authorization")
+            key = self.access.authenticate(None if authorization is None else str(authorization))
+            key_id_var.set(key)
+            self.access.acquire(key, units)
+        except LLMStreamError as exc:
+            code, message = status_for(exc, "")
+            await self._reject(context, code, message)
         return key, units
 
     def release(self, key: str, units: int) -> None:
-        if key and units:
-            self._held[key] -= units
-            if self._held[key] <= 0:
-                del self._held[key]
+        self.access.release(key, units)
 
 
 async def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

@@ -12,6 +12,7 @@ from llm_stream.errors import (
     ModelLoadError,
     ModelNotFoundError,
     OverloadedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -22,6 +23,7 @@ STATUS_FOR_ERROR: dict[type[LLMStreamError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.UNAVAILABLE,
 }
