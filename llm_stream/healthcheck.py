@@ -7,8 +7,10 @@ up or draining, an unknown service, unreachable, deadline exceeded), with a one-
 reason on stderr.
 
 Each flag has an environment default read at run time:
-``LLM_STREAM_HEALTHCHECK_ADDRESS`` (else ``localhost:$LLM_STREAM_PORT`` when the
-server's own port variable is set, so a container's HEALTHCHECK follows the port),
+``LLM_STREAM_HEALTHCHECK_ADDRESS``, else the server's own variables, so a container's
+HEALTHCHECK follows them: ``localhost:$LLM_STREAM_HEALTH_PORT`` when that plaintext
+health-only port is on (not 0; the gRPC port may then speak TLS, which this check does
+not), else ``localhost:$LLM_STREAM_PORT`` when it is set, else ``localhost:50051``.
 ``LLM_STREAM_HEALTHCHECK_SERVICE``, ``LLM_STREAM_HEALTHCHECK_TIMEOUT``.
 """
 
@@ -31,6 +33,9 @@ DEFAULT_TIMEOUT_S = 3.0
 ENV_ADDRESS = "LLM_STREAM_HEALTHCHECK_ADDRESS"
 ENV_SERVICE = "LLM_STREAM_HEALTHCHECK_SERVICE"
 ENV_TIMEOUT = "LLM_STREAM_HEALTHCHECK_TIMEOUT"
+# The server's own variables (llm_stream.cli), read for the default address.
+ENV_SERVER_PORT = "LLM_STREAM_PORT"
+ENV_SERVER_HEALTH_PORT = "LLM_STREAM_HEALTH_PORT"
 
 
 def _positive_float(text: str) -> float:
@@ -43,18 +48,28 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def default_address(environ: Mapping[str, str]) -> str:
+    """The address to check when ``--address`` is not given (see the module's doc)."""
+    if environ.get(ENV_ADDRESS):
+        return environ[ENV_ADDRESS]
+    health_port = environ.get(ENV_SERVER_HEALTH_PORT, "").strip()
+    if health_port.isdigit() and int(health_port) > 0:
+        return f"localhost:{health_port}"
+    port = environ.get(ENV_SERVER_PORT, "").strip()
+    return f"localhost:{port}" if port else DEFAULT_ADDRESS
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llm_stream.healthcheck",
         description="Exit 0 when grpc.health.v1.Health/Check answers SERVING, 1 otherwise.",
     )
-    port = environ.get("LLM_STREAM_PORT", "").strip()
-    address = environ.get(ENV_ADDRESS) or (f"localhost:{port}" if port else DEFAULT_ADDRESS)
     parser.add_argument(
         "--address",
-        default=address,
-        help=f"host:port of the server (env {ENV_ADDRESS}; default localhost:$LLM_STREAM_PORT "
-        f"when the server's port variable is set, else {DEFAULT_ADDRESS})",
+        default=default_address(environ),
+        help=f"host:port of the server, in plaintext (env {ENV_ADDRESS}; default "
+        f"localhost:${ENV_SERVER_HEALTH_PORT} when the server's plaintext health port is "
+        f"on, else localhost:${ENV_SERVER_PORT} when set, else {DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--service",

@@ -6,10 +6,13 @@
 #                       Kubernetes schemas of 1.29 and the newest bundled version
 #                       (scripts/validate_manifests.py; the ServiceMonitor CRD is not
 #                       in them and gets a subset schema instead), the drain timing
-#                       invariant, the render-time guards, the Envoy config it renders,
-#                       and its LLM_STREAM_* variables against the server's own parser
+#                       invariant, the render-time guards, its LLM_STREAM_* variables
+#                       against the server's own parser, and the Envoy config it renders
+#                       (scripts/check_chart_envoy.py: equal to render_envoy.py's for the
+#                       same paths, upstream TLS included, and valid for envoy)
 #   deploy/envoy.yaml   envoy --mode validate (no deprecated fields), the chart's copy is
-#                       identical, and scripts/render_envoy.py's test rendering validates
+#                       identical, and scripts/render_envoy.py's test renderings (plaintext
+#                       and upstream mTLS) validate
 #   scripts/*.sh        shellcheck;  YAML files  yamllint
 # A missing tool is a failure, never a skip. Every check runs; the summary lists the
 # failed ones and the exit status is 1 if any failed. Non-interactive (CI=true is fine).
@@ -48,8 +51,8 @@ done
 if [ ! -x "$py" ] || ! "$py" -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
   missing+=("$py with kubernetes-validate")
 fi
-if [ ! -x "$project_py" ] || ! "$project_py" -c 'import llm_stream.cli, yaml' 2>/dev/null; then
-  missing+=("$project_py with llm_stream (scripts/setup.sh)")
+if [ ! -x "$project_py" ] || ! "$project_py" -c 'import llm_stream.cli, yaml, cryptography' 2>/dev/null; then
+  missing+=("$project_py with llm_stream and its dev extras (scripts/setup.sh)")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   printf 'check_deploy: missing: %s\n' "${missing[*]}" >&2
@@ -75,7 +78,8 @@ dockerfile_pins() {
 }
 
 # --- Envoy ---------------------------------------------------------------------------
-envoy_validate() {  # file: valid, and no deprecated fields (they go away in a later Envoy)
+envoy_validate() {  # file: valid, no deprecated fields (they go away in a later Envoy),
+                   # and every file it reads through SDS accepted
   local out
   if ! out=$("$bin/envoy" --mode validate -c "$1" --log-level warn 2>&1); then
     printf '%s\n' "$out" >&2
@@ -83,6 +87,10 @@ envoy_validate() {  # file: valid, and no deprecated fields (they go away in a l
   fi
   if grep -i 'deprecated' <<<"$out" >&2; then
     echo "$1: uses deprecated Envoy fields" >&2
+    return 1
+  fi
+  if grep -i 'rejected' <<<"$out" >&2; then
+    echo "$1: Envoy rejected a file the config reads" >&2
     return 1
   fi
   echo "   $1: valid"
@@ -103,7 +111,22 @@ envoy_rendered_for_tests() {
   "$py" scripts/render_envoy.py --listen-port 18080 --admin-port 19901 \
     --upstream 127.0.0.1:50061 --upstream 127.0.0.1:50062 -o "$work/envoy-test.yaml" &&
     grep -q 'type: STATIC' "$work/envoy-test.yaml" &&
-    envoy_validate "$work/envoy-test.yaml"
+    envoy_validate "$work/envoy-test.yaml" &&
+    envoy_rendered_tls_for_tests
+}
+
+envoy_rendered_tls_for_tests() {  # upstream mTLS, with real certificates (tests/certs.py)
+  local dir=$work/envoy-test-tls
+  mkdir -p "$dir" &&
+    "$project_py" -c 'import sys; from pathlib import Path; from tests.certs import CertificateAuthority as CA; CA(Path(sys.argv[1]), name="ca").issue_client("envoy")' \
+      "$dir/certs" &&
+    "$py" scripts/render_envoy.py --listen-port 18080 --admin-port 19901 \
+      --upstream 127.0.0.1:50061 --upstream-ca "$dir/certs/ca.crt" --server-name localhost \
+      --client-cert "$dir/certs/envoy.crt" --client-key "$dir/certs/envoy.key" \
+      -o "$dir/envoy.yaml" &&
+    grep -q 'UpstreamTlsContext' "$dir/envoy.yaml" &&
+    [ -f "$dir/sds-upstream-ca.yaml" ] && [ -f "$dir/sds-client-cert.yaml" ] &&
+    envoy_validate "$dir/envoy.yaml"
 }
 
 # --- Helm chart ------------------------------------------------------------------------
@@ -140,9 +163,21 @@ EOF
     if [ -f "$work/envoy-$name.yaml" ]; then
       grep -q 'address: llm-stream-headless.inference.svc.cluster.local, port_value: 50051' \
         "$work/envoy-$name.yaml" || { echo "Envoy upstream not set to the headless Service" >&2; return 1; }
-      envoy_validate "$work/envoy-$name.yaml" || return 1
     fi
   done
+}
+
+# The chart's Envoy config = render_envoy.py's for the same paths (what the Envoy tests
+# run), and envoy validates it with its SDS files and throwaway certificates in place.
+chart_envoy() {
+  local rendered=() set name
+  for set in "${values_sets[@]}"; do
+    name=$(basename "${set:-default}" .yaml)
+    [ -f "$work/rendered-$name.yaml" ] || { echo "not rendered: ${set:-default}" >&2; return 1; }
+    rendered+=("$work/rendered-$name.yaml")
+  done
+  "$project_py" scripts/check_chart_envoy.py --envoy "$bin/envoy" "${rendered[@]}" | sed 's/^/   /'
+  return "${PIPESTATUS[0]}"
 }
 
 # Every rendered server environment must parse with the server's own CLI, and every
@@ -181,7 +216,26 @@ helm_guards() {
     expect_render_failure 'too_many_pings' \
       --set envoy.enabled=true --set server.minPingIntervalSeconds=60 &&
     expect_render_failure 'needs metrics.enabled' \
-      --set serviceMonitor.enabled=true --set metrics.enabled=false
+      --set serviceMonitor.enabled=true --set metrics.enabled=false &&
+    expect_render_failure 'tls.enabled needs tls.secretName' \
+      --set tls.enabled=true &&
+    expect_render_failure 'needs tls.enabled' \
+      --set tls.clientAuth.enabled=true &&
+    expect_render_failure 'cannot speak TLS' \
+      --set tls.enabled=true --set tls.secretName=tls --set server.healthPort=0 &&
+    expect_render_failure 'must differ from server.port' \
+      --set server.healthPort=50051 &&
+    expect_render_failure 'must differ from metrics.port' \
+      --set server.healthPort=9090 &&
+    expect_render_failure 'needs envoy.upstreamTls.clientCertSecretName' \
+      --set envoy.enabled=true --set tls.enabled=true --set tls.secretName=tls \
+      --set tls.clientAuth.enabled=true &&
+    expect_render_failure 'apiKeys.enabled needs apiKeys.secretName' \
+      --set apiKeys.enabled=true &&
+    expect_render_failure 'it needs apiKeys.enabled' \
+      --set server.maxConcurrentPerKey=4 &&
+    expect_render_failure 'overlap' \
+      --set tls.enabled=true --set tls.secretName=tls --set tls.mountPath=/models/cache/tls
 }
 
 # --- the rest -----------------------------------------------------------------------------
@@ -201,6 +255,7 @@ step "envoy validate render_envoy.py output" envoy_rendered_for_tests
 step "helm lint --strict" helm_lint
 step "helm template | Kubernetes schemas ${kube_versions[*]}" helm_render_validate
 step "chart env = server flags (llm_stream.cli)" chart_env_parses
+step "chart's Envoy config = render_envoy.py's, valid" chart_envoy
 step "chart refuses bad values" helm_guards
 step "shellcheck scripts/*.sh" shellcheck_scripts
 step "yamllint" yamllint_files

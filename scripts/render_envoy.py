@@ -2,8 +2,8 @@
 
 deploy/envoy.yaml stays the one source of truth: this loads it, changes only the
 listener port, the admin port and the cluster's endpoints (STATIC instead of
-STRICT_DNS, one endpoint per upstream), and keeps every other setting (timeouts,
-health checks, retries, keepalive) as it is.
+STRICT_DNS, one endpoint per upstream), adds upstream TLS when asked (below), and
+keeps every other setting (timeouts, health checks, retries, keepalive) as it is.
 
 Python::
 
@@ -19,6 +19,25 @@ CLI::
 
 Listener and admin bind to 127.0.0.1 unless ``listen_address``/``admin_address`` say
 otherwise. Needs PyYAML (a dependency of transformers, so it is in .venv).
+
+Replicas serving TLS (``--tls-cert``/``--tls-key``; mTLS with ``--tls-client-ca``): an
+:class:`UpstreamTls` adds the transport socket the chart adds with ``tls.enabled``
+(scripts/check_deploy.sh checks the two agree). Its certificates are read through
+file-based SDS, so the config is more than one file: :func:`write` puts them all in
+one folder::
+
+    from scripts.render_envoy import UpstreamTls, write
+    config_path = write(workdir, 18080, 19901, [("127.0.0.1", 50061)],
+                        upstream_tls=UpstreamTls(ca=Path("/certs/ca.crt"),
+                                                 server_name="localhost",
+                                                 client_cert=Path("/certs/envoy.crt"),
+                                                 client_key=Path("/certs/envoy.key")))
+
+    python scripts/render_envoy.py --listen-port 18080 --admin-port 19901 \
+        --upstream 127.0.0.1:50061 --upstream-ca ca.crt --server-name localhost \
+        --client-cert envoy.crt --client-key envoy.key -o /tmp/envoy/envoy.yaml
+
+(``server_name``: SNI, and the DNS name the replicas' certificates must carry.)
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ import copy
 import ipaddress
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +56,40 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "envoy.yaml"
 LISTENER = "grpc_ingress"
 CLUSTER = "llm_stream"
+CONFIG_FILE = "envoy.yaml"
+# The file-based SDS resources, next to the config (the chart's ConfigMap keys).
+SDS_UPSTREAM_CA = "sds-upstream-ca.yaml"
+SDS_CLIENT_CERT = "sds-client-cert.yaml"
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+_UPSTREAM_TLS_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+)
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """Envoy to the replicas over TLS.
+
+    ``ca``: PEM bundle of the CA that signed the replicas' certificates. ``server_name``:
+    sent as SNI, and required as a DNS name (SAN) in the replica's certificate.
+    ``client_cert``/``client_key``: Envoy's own certificate, for replicas that require
+    one (mTLS). Each file's folder is watched: a Kubernetes Secret volume swaps in a
+    rotated certificate by renaming its ``..data`` link there, and Envoy re-reads it.
+    """
+
+    ca: Path
+    server_name: str
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.server_name:
+            raise ValueError("upstream TLS needs a server name (SNI and the SAN to verify)")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate")
+        for path in (self.ca, self.client_cert, self.client_key):
+            if path is not None and not path.is_absolute():
+                raise ValueError(f"Envoy needs absolute paths: {path}")
 
 
 def load_source(path: Path = SOURCE) -> dict[str, Any]:
@@ -66,6 +120,72 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def upstream_tls_resources(
+    tls: UpstreamTls, sds_dir: Path
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The cluster's ``transport_socket``, and the SDS files (name -> content) it reads.
+
+    ``sds_dir`` is the folder the SDS files will be in when Envoy runs.
+    """
+    if not sds_dir.is_absolute():
+        raise ValueError(f"Envoy needs absolute paths: {sds_dir}")
+    common: dict[str, Any] = {
+        # gRPC needs HTTP/2; say so in the handshake as gRPC clients do.
+        "alpn_protocols": ["h2"],
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "validation_context_sds_secret_config": {
+            "name": "upstream_ca",
+            "sds_config": {"path_config_source": {"path": str(sds_dir / SDS_UPSTREAM_CA)}},
+        },
+    }
+    files: dict[str, dict[str, Any]] = {
+        SDS_UPSTREAM_CA: {
+            "resources": [
+                {
+                    "@type": _SECRET_TYPE,
+                    "name": "upstream_ca",
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(tls.ca)},
+                        "watched_directory": {"path": str(tls.ca.parent)},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": "DNS", "matcher": {"exact": tls.server_name}}
+                        ],
+                    },
+                }
+            ]
+        }
+    }
+    if tls.client_cert is not None and tls.client_key is not None:
+        common["tls_certificate_sds_secret_configs"] = [
+            {
+                "name": "client_cert",
+                "sds_config": {"path_config_source": {"path": str(sds_dir / SDS_CLIENT_CERT)}},
+            }
+        ]
+        files[SDS_CLIENT_CERT] = {
+            "resources": [
+                {
+                    "@type": _SECRET_TYPE,
+                    "name": "client_cert",
+                    "tls_certificate": {
+                        "certificate_chain": {"filename": str(tls.client_cert)},
+                        "private_key": {"filename": str(tls.client_key)},
+                        "watched_directory": {"path": str(tls.client_cert.parent)},
+                    },
+                }
+            ]
+        }
+    socket = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _UPSTREAM_TLS_TYPE,
+            "sni": tls.server_name,
+            "common_tls_context": common,
+        },
+    }
+    return socket, files
+
+
 def render_config(
     listen_port: int,
     admin_port: int,
@@ -74,8 +194,11 @@ def render_config(
     listen_address: str = "127.0.0.1",
     admin_address: str = "127.0.0.1",
     source: dict[str, Any] | None = None,
+    upstream_tls: UpstreamTls | None = None,
+    sds_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """The config as a dict (see :func:`render`)."""
+    """The config as a dict (see :func:`render`); with ``upstream_tls`` the SDS files
+    it reads are expected in ``sds_dir`` (see :func:`render_files`)."""
     if not upstreams:
         raise ValueError("at least one upstream is needed")
     config = copy.deepcopy(source if source is not None else load_source())
@@ -89,6 +212,10 @@ def render_config(
     cluster["type"] = "STATIC" if all(_is_ip(host) for host, _ in upstreams) else "STRICT_DNS"
     if cluster["type"] == "STATIC":
         cluster.pop("dns_lookup_family", None)
+    if upstream_tls is not None:
+        if sds_dir is None:
+            raise ValueError("upstream TLS needs sds_dir, the folder of its SDS files")
+        cluster["transport_socket"] = upstream_tls_resources(upstream_tls, sds_dir)[0]
     cluster["load_assignment"] = {
         "cluster_name": CLUSTER,
         "endpoints": [
@@ -102,6 +229,69 @@ def render_config(
     return config
 
 
+def _yaml(data: dict[str, Any]) -> str:
+    return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+
+
+def render_files(
+    listen_port: int,
+    admin_port: int,
+    upstreams: Sequence[tuple[str, int]],
+    *,
+    sds_dir: Path,
+    listen_address: str = "127.0.0.1",
+    admin_address: str = "127.0.0.1",
+    upstream_tls: UpstreamTls | None = None,
+) -> dict[str, str]:
+    """Every file of the config, by name: ``envoy.yaml`` and, with ``upstream_tls``, the
+    SDS files, which Envoy will find in ``sds_dir``."""
+    header = (
+        f"# Rendered by scripts/render_envoy.py from {SOURCE.parent.name}/{SOURCE.name}; "
+        "do not edit.\n"
+    )
+    config = render_config(
+        listen_port,
+        admin_port,
+        upstreams,
+        listen_address=listen_address,
+        admin_address=admin_address,
+        upstream_tls=upstream_tls,
+        sds_dir=sds_dir,
+    )
+    files = {CONFIG_FILE: header + _yaml(config)}
+    if upstream_tls is not None:
+        for name, content in upstream_tls_resources(upstream_tls, sds_dir)[1].items():
+            files[name] = header + _yaml(content)
+    return files
+
+
+def write(
+    folder: Path,
+    listen_port: int,
+    admin_port: int,
+    upstreams: Sequence[tuple[str, int]],
+    *,
+    listen_address: str = "127.0.0.1",
+    admin_address: str = "127.0.0.1",
+    upstream_tls: UpstreamTls | None = None,
+) -> Path:
+    """Write the config's files into ``folder`` (an absolute path); returns envoy.yaml's path."""
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    files = render_files(
+        listen_port,
+        admin_port,
+        upstreams,
+        sds_dir=folder,
+        listen_address=listen_address,
+        admin_address=admin_address,
+        upstream_tls=upstream_tls,
+    )
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder / CONFIG_FILE
+
+
 def render(
     listen_port: int,
     admin_port: int,
@@ -113,19 +303,17 @@ def render(
     """deploy/envoy.yaml as YAML text, listening on ``listen_port``, balancing over ``upstreams``.
 
     ``upstreams`` are (host, port) pairs; with IP addresses the cluster is STATIC.
+    (Plaintext upstreams; for TLS see :func:`write`.)
     """
-    config = render_config(
+    files = render_files(
         listen_port,
         admin_port,
         upstreams,
+        sds_dir=Path("/"),
         listen_address=listen_address,
         admin_address=admin_address,
     )
-    header = (
-        f"# Rendered by scripts/render_envoy.py from {SOURCE.parent.name}/{SOURCE.name}; "
-        "do not edit.\n"
-    )
-    return header + str(yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+    return files[CONFIG_FILE]
 
 
 def parse_upstream(text: str) -> tuple[str, int]:
@@ -150,22 +338,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen-address", default="127.0.0.1")
     parser.add_argument("--admin-address", default="127.0.0.1")
     parser.add_argument("-o", "--output", type=Path, default=None, help="file; default stdout")
+    tls = parser.add_argument_group(
+        "upstream TLS", "replicas serving TLS; the SDS files are written next to --output"
+    )
+    tls.add_argument("--upstream-ca", type=Path, help="PEM CA that signed the replicas")
+    tls.add_argument("--server-name", help="SNI, and the DNS name their certificates must have")
+    tls.add_argument("--client-cert", type=Path, help="Envoy's PEM certificate (mTLS)")
+    tls.add_argument("--client-key", type=Path, help="its PEM private key")
+    tls.add_argument(
+        "--sds-dir",
+        type=Path,
+        help="folder Envoy finds the SDS files in when it runs; default --output's folder",
+    )
     args = parser.parse_args(argv)
+    upstream_tls = None
+    if args.upstream_ca is not None or args.server_name is not None:
+        if args.upstream_ca is None or args.server_name is None or args.output is None:
+            parser.error("upstream TLS needs --upstream-ca, --server-name and --output")
+        try:
+            upstream_tls = UpstreamTls(
+                ca=args.upstream_ca.absolute(),
+                server_name=args.server_name,
+                client_cert=args.client_cert and args.client_cert.absolute(),
+                client_key=args.client_key and args.client_key.absolute(),
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.client_cert or args.client_key or args.sds_dir:
+        parser.error("--client-cert, --client-key and --sds-dir need --upstream-ca")
+    output_dir = args.output.absolute().parent if args.output is not None else Path.cwd()
+    if args.output is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        text = render(
+        files = render_files(
             args.listen_port,
             args.admin_port,
             args.upstream,
+            sds_dir=(args.sds_dir or output_dir).absolute(),
             listen_address=args.listen_address,
             admin_address=args.admin_address,
+            upstream_tls=upstream_tls,
         )
+        if args.output is None:
+            sys.stdout.write(files[CONFIG_FILE])
+            return 0
+        args.output.write_text(files.pop(CONFIG_FILE), encoding="utf-8")
+        for name, text in files.items():
+            (output_dir / name).write_text(text, encoding="utf-8")
     except (OSError, ValueError, KeyError) as exc:
         sys.stderr.write(f"render_envoy: {exc}\n")
         return 1
-    if args.output is None:
-        sys.stdout.write(text)
-    else:
-        args.output.write_text(text, encoding="utf-8")
     return 0
 
 

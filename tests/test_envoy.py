@@ -2,20 +2,27 @@
 
 Needs the Envoy binary from scripts/install_tools.sh; without it these tests
 fail (they never skip), so CI cannot pass while silently not testing Envoy.
+The upstream TLS tests run the config the chart renders with tls.enabled
+(scripts/render_envoy.py's UpstreamTls; check_deploy.sh checks they agree) against
+replicas serving TLS with real certificates (tests/certs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
+import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +32,7 @@ from llm_stream.engine.types import ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.settings import Settings
+from tests.certs import CertificateAuthority
 from tests.conftest import (
     RunningServer,
     free_port,
@@ -41,25 +49,68 @@ ENVOY = REPO / ".tools" / "bin" / "envoy"
 SPREAD_RPCS = 40
 
 
+@functools.cache
 def render_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("render_envoy", REPO / "scripts/render_envoy.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
+def upstream_tls(ca: Path, server_name: str, client: Any = None) -> Any:
+    """render_envoy.UpstreamTls; ``client``: a tests.certs.Issued for mTLS."""
+    return render_module().UpstreamTls(
+        ca=ca,
+        server_name=server_name,
+        client_cert=client.cert if client else None,
+        client_key=client.key if client else None,
+    )
+
+
+class SecretVolume:
+    """A folder laid out as the kubelet writes a Secret volume.
+
+    Each file is a link to ``..data/<name>``, and ``..data`` links to a folder holding
+    one version of all the files; an update writes a new version and swaps ``..data``
+    with one rename, which is how a rotated certificate reaches a running pod.
+    """
+
+    def __init__(self, folder: Path, files: dict[str, bytes]) -> None:
+        folder.mkdir(parents=True)
+        self.folder = folder
+        self._version = 0
+        self.update(files)
+        for name in files:
+            (folder / name).symlink_to(Path("..data") / name)
+
+    def update(self, files: dict[str, bytes]) -> None:
+        self._version += 1
+        version = self.folder / f"..version-{self._version}"
+        version.mkdir()
+        for name, data in files.items():
+            (version / name).write_bytes(data)
+        staging = self.folder / "..data_tmp"
+        staging.symlink_to(version.name)
+        os.replace(staging, self.folder / "..data")
+
+    def __truediv__(self, name: str) -> Path:
+        return self.folder / name
+
+
 class EnvoyProxy:
-    def __init__(self, upstreams: Sequence[RunningServer], workdir: Path) -> None:
+    def __init__(self, upstreams: Sequence[RunningServer], workdir: Path, tls: Any = None) -> None:
         if not ENVOY.exists():
             pytest.fail(f"{ENVOY} is missing: run scripts/install_tools.sh")
         self.port, self.admin_port = free_port(), free_port()
         self.upstream_ports = [u.server.port for u in upstreams]
-        config = workdir / "envoy.yaml"
-        config.write_text(
-            render_module().render(
-                self.port, self.admin_port, [("127.0.0.1", p) for p in self.upstream_ports]
-            )
+        config = render_module().write(
+            workdir / "envoy",
+            self.port,
+            self.admin_port,
+            [("127.0.0.1", p) for p in self.upstream_ports],
+            upstream_tls=tls,
         )
         self.log = workdir / "envoy.log"
         self._process = subprocess.Popen(
@@ -81,6 +132,27 @@ class EnvoyProxy:
                 flags[int(parts[1].rsplit(":", 1)[1])] = parts[3]
         return flags
 
+    def stats(self) -> dict[str, int]:
+        """The llm_stream cluster's counters and gauges, without the cluster prefix."""
+        url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.llm_stream\\."
+        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
+            text = response.read().decode()
+        stats = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                stats[name.removeprefix("cluster.llm_stream.")] = int(value)
+        return stats
+
+    async def wait_stat(self, name: str, at_least: int = 1, timeout: float = 30.0) -> int:
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(OSError):
+                    value = (await asyncio.to_thread(self.stats)).get(name, 0)
+                    if value >= at_least:
+                        return value
+                await asyncio.sleep(0.1)
+
     async def wait_health(self, port: int, healthy: bool, timeout: float = 30.0) -> None:
         """Wait for Envoy's own active health check to reach a verdict on one replica."""
         async with asyncio.timeout(timeout):
@@ -99,9 +171,9 @@ class EnvoyProxy:
 
 @contextlib.asynccontextmanager
 async def envoy_in_front(
-    upstreams: Sequence[RunningServer], workdir: Path
+    upstreams: Sequence[RunningServer], workdir: Path, tls: Any = None
 ) -> AsyncIterator[EnvoyProxy]:
-    proxy = EnvoyProxy(upstreams, workdir)
+    proxy = EnvoyProxy(upstreams, workdir, tls)
     try:
         yield proxy
     finally:
@@ -227,3 +299,106 @@ async def test_stream_longer_than_default_timeouts_passes_whole(
     assert tokens[-1].is_final
     assert tokens[-1].usage.completion_tokens == direct.usage.completion_tokens
     assert "".join(t.token for t in tokens[:-1]) == direct.text
+
+
+# -- upstream TLS ----------------------------------------------------------------
+
+
+async def test_upstream_mtls_streams_tokens_and_health_checks_over_tls(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Replicas with TLS, mTLS and API keys, as the chart runs them with Envoy in front."""
+    ca = CertificateAuthority(tmp_path / "ca")
+    served_cert = ca.issue_server()
+    envoy_cert = ca.issue_client("envoy", name="llm-stream envoy")
+    keys = tmp_path / "api-keys"
+    keys.write_text("# clients\nsk-envoy-test-key\n")
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=served_cert.cert,
+        tls_key=served_cert.key,
+        tls_client_ca=ca.cert,
+        api_keys_file=keys,
+    )
+    tls = upstream_tls(ca.cert, "localhost", envoy_cert)
+    async with (
+        running_server(settings) as replica,
+        envoy_in_front([replica], tmp_path, tls) as envoy,
+    ):
+        # Envoy's gRPC health checks carry no API key and must pass TLS and mTLS:
+        # the replica's port speaks nothing else.
+        await envoy.wait_health(replica.server.port, healthy=True)
+        stats = await asyncio.to_thread(envoy.stats)
+        assert stats["ssl.handshake"] >= 1
+        assert stats["health_check.success"] >= 1
+
+        auth = (("authorization", "Bearer sk-envoy-test-key"),)
+        tokens = [
+            t
+            async for t in envoy.stub.StreamPredict(
+                tagged("tls-", 0, max_tokens=4), metadata=auth, timeout=30
+            )
+        ]
+        assert len(tokens) >= 2 and tokens[-1].is_final
+        response = await envoy.stub.Predict(
+            tagged("tls-", 1, max_tokens=2), metadata=auth, timeout=30
+        )
+        assert response.usage.completion_tokens > 0
+        assert served(replica, "tls-") == 2
+
+        # The key travels through Envoy untouched: without one the replica refuses.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await envoy.stub.Predict(tagged("nokey-", 0, max_tokens=2), timeout=30)
+        assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_upstream_tls_checks_the_replica_and_follows_a_rotated_ca(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A CA that did not sign the replica fails the handshake; the right one, swapped
+    into the mounted folder as the kubelet does, is picked up without a restart."""
+    ca = CertificateAuthority(tmp_path / "ca")
+    stranger = CertificateAuthority(tmp_path / "other-ca", name="some other CA")
+    served_cert = ca.issue_server()
+    trusted = SecretVolume(tmp_path / "upstream-ca", {"ca.crt": stranger.cert_pem})
+    settings = tiny_settings(
+        tiny_model_dir, cache_dir, tls_cert=served_cert.cert, tls_key=served_cert.key
+    )
+    tls = upstream_tls(trusted / "ca.crt", "localhost")
+    async with (
+        running_server(settings) as replica,
+        envoy_in_front([replica], tmp_path, tls) as envoy,
+    ):
+        await envoy.wait_stat("ssl.fail_verify_error", at_least=2)
+        assert (await asyncio.to_thread(envoy.health_flags))[replica.server.port] != "healthy"
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await envoy.stub.Predict(tagged("untrusted-", 0, max_tokens=2), timeout=30)
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert served(replica, "untrusted-") == 0
+
+        trusted.update({"ca.crt": ca.cert_pem})
+        await envoy.wait_health(replica.server.port, healthy=True)
+        tokens = [t async for t in envoy.stub.StreamPredict(tagged("rotated-", 0, max_tokens=3))]
+        assert tokens[-1].is_final
+        assert served(replica, "rotated-") == 1
+
+
+async def test_upstream_tls_requires_the_server_name_in_the_certificate(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Signed by the trusted CA is not enough: the certificate must name the server."""
+    ca = CertificateAuthority(tmp_path / "ca")
+    served_cert = ca.issue_server()  # names localhost, 127.0.0.1 and ::1 only
+    settings = tiny_settings(
+        tiny_model_dir, cache_dir, tls_cert=served_cert.cert, tls_key=served_cert.key
+    )
+    tls = upstream_tls(ca.cert, "llm-stream-headless.inference.svc.cluster.local")
+    async with (
+        running_server(settings) as replica,
+        envoy_in_front([replica], tmp_path, tls) as envoy,
+    ):
+        await envoy.wait_stat("ssl.fail_verify_san", at_least=2)
+        stats = await asyncio.to_thread(envoy.stats)
+        assert stats.get("health_check.success", 0) == 0
+        assert (await asyncio.to_thread(envoy.health_flags))[replica.server.port] != "healthy"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -15,12 +16,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llm_stream import healthcheck
 from llm_stream.app import load_configured_models
 from llm_stream.engine.types import FinishReason, ModelBackend
 from llm_stream.errors import ModelLoadError
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.settings import Settings
+from tests.certs import CertificateAuthority
 from tests.conftest import (
     RunningServer,
     collect_stream,
@@ -306,3 +309,70 @@ async def test_open_health_watch_does_not_hold_the_drain(
         await asyncio.wait_for(running.server.drain(grace_s=600), HANG_GUARD_S)
         assert await watcher.next_status() == NOT_SERVING
         assert await asyncio.wait_for(watcher.call.read(), HANG_GUARD_S) is grpc.aio.EOF
+
+
+# -- python -m llm_stream.healthcheck (the image's HEALTHCHECK) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "address"),
+    [
+        ({}, "localhost:50051"),
+        ({"LLM_STREAM_PORT": "6000"}, "localhost:6000"),
+        ({"LLM_STREAM_PORT": "6000", "LLM_STREAM_HEALTH_PORT": "0"}, "localhost:6000"),
+        ({"LLM_STREAM_PORT": "6000", "LLM_STREAM_HEALTH_PORT": "6001"}, "localhost:6001"),
+        (
+            {"LLM_STREAM_HEALTH_PORT": "6001", "LLM_STREAM_HEALTHCHECK_ADDRESS": "10.0.0.5:7000"},
+            "10.0.0.5:7000",
+        ),
+    ],
+)
+def test_healthcheck_address_follows_the_server_variables(
+    environ: dict[str, str], address: str
+) -> None:
+    assert healthcheck.build_parser(environ).parse_args([]).address == address
+
+
+async def run_healthcheck(environ: dict[str, str]) -> tuple[int, str]:
+    """``python -m llm_stream.healthcheck`` as the image's HEALTHCHECK runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_STREAM_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "llm_stream.healthcheck",
+        "--timeout",
+        "4",
+        env=env | environ,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), HANG_GUARD_S)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode(errors="replace")
+
+
+async def test_healthcheck_uses_the_plaintext_health_port_when_the_grpc_port_speaks_tls(
+    tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    served = CertificateAuthority(tmp_path / "ca").issue_server()
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=served.cert,
+        tls_key=served.key,
+        health_port=free_port(),
+    )
+    async with running_server(settings) as running:
+        port, health_port = running.server.port, running.server.health_port
+        server_env = {"LLM_STREAM_PORT": str(port), "LLM_STREAM_HEALTH_PORT": str(health_port)}
+        code, stderr = await run_healthcheck(server_env)
+        assert code == 0, stderr
+
+        # The TLS port does not answer a plaintext check: that is what the health port is for.
+        code, stderr = await run_healthcheck({"LLM_STREAM_PORT": str(port)})
+        assert code == 1
+        assert f"localhost:{port}" in stderr and "UNAVAILABLE" in stderr, stderr
+
+        await running.server.health.mark_draining()
+        code, stderr = await run_healthcheck(server_env)
+        assert code == 1
+        assert f"localhost:{health_port}" in stderr and "NOT_SERVING" in stderr, stderr

@@ -135,6 +135,100 @@ revision = {{ toJson . }}
 - {{ default "main" $parts._1 | quote }}
 {{- end }}
 
+{{/*
+The plaintext health-only port (--health-port), 0 when off: server.healthPort, or
+when it is null, 50052 with TLS (the kubelet's gRPC probes cannot speak TLS) and
+off without.
+*/}}
+{{- define "llm-stream.healthPort" -}}
+{{- $port := .Values.server.healthPort }}
+{{- if kindIs "invalid" $port }}
+{{- ternary 50052 0 .Values.tls.enabled }}
+{{- else }}
+{{- int $port }}
+{{- end }}
+{{- end }}
+
+{{/* The probes' port: the health-only port while it is on, else the gRPC port. */}}
+{{- define "llm-stream.probePort" -}}
+{{- $health := int (include "llm-stream.healthPort" .) }}
+{{- ternary $health (int .Values.server.port) (gt $health 0) }}
+{{- end }}
+
+{{/* --tls-client-ca: caKey in its own Secret's mount, or in the server's TLS Secret. */}}
+{{- define "llm-stream.tlsClientCaFile" -}}
+{{- $auth := .Values.tls.clientAuth }}
+{{- $dir := ternary $auth.mountPath .Values.tls.mountPath (ne $auth.caSecretName "") }}
+{{- printf "%s/%s" (trimSuffix "/" $dir) $auth.caKey }}
+{{- end }}
+
+{{/*
+Envoy's upstream TLS (tls.enabled): fixed paths inside the Envoy pod. The SDS files
+are keys of Envoy's ConfigMap (mounted at envoyConfigDir); the Secrets are mounted
+at their own folders, outside that read-only mount. scripts/check_chart_envoy.py
+checks that this equals what scripts/render_envoy.py renders for these paths.
+*/}}
+{{- define "llm-stream.envoyConfigDir" -}}/etc/envoy{{- end }}
+{{- define "llm-stream.envoyUpstreamCaDir" -}}/etc/envoy-tls/upstream-ca{{- end }}
+{{- define "llm-stream.envoyClientCertDir" -}}/etc/envoy-tls/client{{- end }}
+
+{{/* The name Envoy sends as SNI and requires in the pods' certificates. */}}
+{{- define "llm-stream.envoyServerName" -}}
+{{- default (include "llm-stream.headlessHost" .) .Values.envoy.upstreamTls.serverName }}
+{{- end }}
+
+{{/* The llm_stream cluster's transport socket (inserted into files/envoy.yaml). */}}
+{{- define "llm-stream.envoyTransportSocket" -}}
+{{- $config := include "llm-stream.envoyConfigDir" . -}}
+# Upstream TLS (tls.enabled), added by the chart: see deploy/envoy.yaml's header.
+transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+    sni: {{ include "llm-stream.envoyServerName" . }}
+    common_tls_context:
+      alpn_protocols: [h2]
+      tls_params: {tls_minimum_protocol_version: TLSv1_2}
+      validation_context_sds_secret_config:
+        name: upstream_ca
+        sds_config:
+          path_config_source: {path: {{ $config }}/sds-upstream-ca.yaml}
+      {{- if .Values.tls.clientAuth.enabled }}
+      tls_certificate_sds_secret_configs:
+        - name: client_cert
+          sds_config:
+            path_config_source: {path: {{ $config }}/sds-client-cert.yaml}
+      {{- end }}
+{{- end }}
+
+{{/* File-based SDS: the CA Envoy checks the pods against, and the name they must carry. */}}
+{{- define "llm-stream.envoySdsUpstreamCa" -}}
+{{- $dir := include "llm-stream.envoyUpstreamCaDir" . -}}
+# Read by Envoy's file-based SDS; re-read when the mounted Secret is swapped.
+resources:
+  - "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+    name: upstream_ca
+    validation_context:
+      trusted_ca: {filename: {{ $dir }}/ca.crt}
+      watched_directory: {path: {{ $dir }}}
+      match_typed_subject_alt_names:
+        - san_type: DNS
+          matcher: {exact: {{ include "llm-stream.envoyServerName" . }}}
+{{- end }}
+
+{{/* File-based SDS: Envoy's client certificate for pods that require one (mTLS). */}}
+{{- define "llm-stream.envoySdsClientCert" -}}
+{{- $dir := include "llm-stream.envoyClientCertDir" . -}}
+# Read by Envoy's file-based SDS; re-read when the mounted Secret is swapped.
+resources:
+  - "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+    name: client_cert
+    tls_certificate:
+      certificate_chain: {filename: {{ $dir }}/tls.crt}
+      private_key: {filename: {{ $dir }}/tls.key}
+      watched_directory: {path: {{ $dir }}}
+{{- end }}
+
 {{/* Checks across values that values.schema.json cannot express. */}}
 {{- define "llm-stream.validate" -}}
 {{- if gt (int .Values.server.defaultMaxTokens) (int .Values.server.maxTokensCap) }}
@@ -149,5 +243,46 @@ revision = {{ toJson . }}
 {{- /* Envoy pings each replica every 30 s minus up to 15 % jitter (files/envoy.yaml). */}}
 {{- if and .Values.envoy.enabled (gt (float64 .Values.server.minPingIntervalSeconds) 25.0) }}
 {{- fail "server.minPingIntervalSeconds must stay at or below 25 s with Envoy on: Envoy pings every replica every 30 s, jittered down to 25.5 s, and pings more often than the server allows can end in GOAWAY too_many_pings" }}
+{{- end }}
+{{- $tls := .Values.tls }}
+{{- if and $tls.enabled (not $tls.secretName) }}
+{{- fail "tls.enabled needs tls.secretName: a kubernetes.io/tls Secret with tls.crt and tls.key (a cert-manager Certificate writes one)" }}
+{{- end }}
+{{- if and $tls.clientAuth.enabled (not $tls.enabled) }}
+{{- fail "tls.clientAuth.enabled (mTLS) needs tls.enabled" }}
+{{- end }}
+{{- if and .Values.envoy.enabled $tls.clientAuth.enabled (not .Values.envoy.upstreamTls.clientCertSecretName) }}
+{{- fail "tls.clientAuth.enabled with envoy.enabled needs envoy.upstreamTls.clientCertSecretName: the pods refuse Envoy without a client certificate signed by their client CA" }}
+{{- end }}
+{{- if and .Values.apiKeys.enabled (not .Values.apiKeys.secretName) }}
+{{- fail "apiKeys.enabled needs apiKeys.secretName: a Secret holding the keys file under apiKeys.key" }}
+{{- end }}
+{{- if and (gt (int .Values.server.maxConcurrentPerKey) 0) (not .Values.apiKeys.enabled) }}
+{{- fail "server.maxConcurrentPerKey counts per API key: it needs apiKeys.enabled (the server refuses to start)" }}
+{{- end }}
+{{- $health := int (include "llm-stream.healthPort" .) }}
+{{- if and $tls.enabled (eq $health 0) }}
+{{- fail "server.healthPort is 0 with tls.enabled: the kubelet's gRPC probes cannot speak TLS; leave it null (50052) or pick a port" }}
+{{- end }}
+{{- if and (gt $health 0) (eq $health (int .Values.server.port)) }}
+{{- fail "server.healthPort must differ from server.port (the server refuses to start)" }}
+{{- end }}
+{{- if and (gt $health 0) .Values.metrics.enabled (eq $health (int .Values.metrics.port)) }}
+{{- fail "server.healthPort must differ from metrics.port (the server refuses to start)" }}
+{{- end }}
+{{- /* Every mount of the server container: none may hide another. */}}
+{{- $mounts := list .Values.cache.mountPath "/tmp" }}
+{{- if .Values.modelsRegistry.enabled }}{{ $mounts = append $mounts .Values.modelsRegistry.mountPath }}{{ end }}
+{{- if $tls.enabled }}{{ $mounts = append $mounts $tls.mountPath }}{{ end }}
+{{- if and $tls.clientAuth.enabled $tls.clientAuth.caSecretName }}{{ $mounts = append $mounts $tls.clientAuth.mountPath }}{{ end }}
+{{- if .Values.apiKeys.enabled }}{{ $mounts = append $mounts .Values.apiKeys.mountPath }}{{ end }}
+{{- range $i, $a := $mounts }}
+{{- range $j, $b := $mounts }}
+{{- $a = trimSuffix "/" $a }}
+{{- $b = trimSuffix "/" $b }}
+{{- if and (ne $i $j) (or (eq $a $b) (hasPrefix (printf "%s/" $a) $b)) }}
+{{- fail (printf "mount paths %s and %s overlap: give tls.mountPath, tls.clientAuth.mountPath, apiKeys.mountPath, modelsRegistry.mountPath and cache.mountPath separate folders" $a $b) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
