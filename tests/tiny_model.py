@@ -22,7 +22,22 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(folder: Path, seed: int = 0, context: int = 4096) -> Path:
+# A chat template in the usual shape (ChatML-like), refusing what many templates refuse.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role ' + m['role']) }}{% endif %}"
+    "{% if loop.index0 == 0 and m['role'] == 'assistant' %}"
+    "{{ raise_exception('Conversations must not start with an assistant turn') }}{% endif %}"
+    "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def build_tiny_model(
+    folder: Path, seed: int = 0, context: int = 4096, chat_template: str | None = None
+) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -36,6 +51,8 @@ def build_tiny_model(folder: Path, seed: int = 0, context: int = 4096) -> Path:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
+    if chat_template is not None:
+        fast.chat_template = chat_template
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),

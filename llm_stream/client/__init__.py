@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,8 +79,20 @@ def channel_target(targets: str | Sequence[str]) -> str:
     return ("ipv4:" if families == {4} else "ipv6:") + ",".join(addresses)
 
 
+# A conversation: messages as {"role": ..., "content": ...} mappings (the shape chat
+# frontends already hold) or ChatMessage protos; roles system, user, assistant.
+Conversation = Sequence[Mapping[str, str] | pb.ChatMessage]
+
+
+def chat_messages(conversation: Conversation) -> list[pb.ChatMessage]:
+    return [
+        m if isinstance(m, pb.ChatMessage) else pb.ChatMessage(role=m["role"], content=m["content"])
+        for m in conversation
+    ]
+
+
 def make_request(
-    prompt: str,
+    prompt: str | Conversation,
     *,
     model_id: str = "",
     request_id: str = "",
@@ -105,12 +117,12 @@ def make_request(
         config.seed = seed
     if apply_chat_template is not None:
         config.apply_chat_template = apply_chat_template
-    return pb.PredictRequest(
-        model_id=model_id,
-        request_id=request_id,
-        features={"prompt": pb.FeatureValue(string_value=prompt)},
-        config=config,
-    )
+    request = pb.PredictRequest(model_id=model_id, request_id=request_id, config=config)
+    if isinstance(prompt, str):
+        request.features["prompt"].string_value = prompt
+    else:
+        request.messages.extend(chat_messages(prompt))
+    return request
 
 
 def _pem(source: bytes | str | Path | None) -> bytes | None:
@@ -219,17 +231,19 @@ class InferenceClient:
         raise ConnectionError(f"{self.target} ended the health watch: it is shutting down")
 
     async def predict(
-        self, prompt: str, *, timeout: float | None = None, **options: Any
+        self, prompt: str | Conversation, *, timeout: float | None = None, **options: Any
     ) -> pb.PredictResponse:
+        """One completion of a prompt, or of a conversation (the assistant's next turn)."""
         response: pb.PredictResponse = await self._stub.Predict(
             make_request(prompt, **options), timeout=timeout, metadata=self._metadata
         )
         return response
 
     async def stream(
-        self, prompt: str, *, timeout: float | None = None, **options: Any
+        self, prompt: str | Conversation, *, timeout: float | None = None, **options: Any
     ) -> AsyncIterator[pb.PredictToken]:
-        """Token messages as they arrive; the last has ``is_final`` set."""
+        """Token messages as they arrive; the last has ``is_final`` set. ``prompt`` is a
+        string, or a conversation whose next assistant turn is generated."""
         call = self._stub.StreamPredict(
             make_request(prompt, **options), timeout=timeout, metadata=self._metadata
         )

@@ -1,4 +1,5 @@
-"""``python -m llm_stream.client "prompt"``: stream a completion to the terminal."""
+"""``python -m llm_stream.client "prompt"``: stream a completion to the terminal;
+``--chat`` holds a multi-turn conversation."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from llm_stream.client import DEFAULT_TARGET, InferenceClient
+from llm_stream.client import DEFAULT_TARGET, Conversation, InferenceClient
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 
 log = logging.getLogger("llm_stream.client")
@@ -20,7 +22,16 @@ log = logging.getLogger("llm_stream.client")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llm_stream.client", description=__doc__)
-    parser.add_argument("prompt", help="the prompt; '-' reads it from standard input")
+    parser.add_argument(
+        "prompt", nargs="?", help="the prompt; '-' reads it from standard input (not with --chat)"
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="interactive multi-turn chat: each line you type is a user turn, the whole "
+        "conversation is sent each time; /reset forgets it, Ctrl-D ends",
+    )
+    parser.add_argument("--system", default="", help="a system message opening the conversation")
     parser.add_argument(
         "--target",
         default=os.environ.get("LLM_STREAM_TARGET", DEFAULT_TARGET),
@@ -79,9 +90,8 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Infere
         parser.error(f"cannot read {exc.filename}: {exc.strerror}")
 
 
-async def run(args: argparse.Namespace, client: InferenceClient) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    options = {
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "model_id": args.model,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
@@ -92,10 +102,68 @@ async def run(args: argparse.Namespace, client: InferenceClient) -> int:
         "repetition_penalty": args.repetition_penalty,
         "apply_chat_template": False if args.raw else None,
     }
+
+
+async def _stream_to_stdout(
+    client: InferenceClient, prompt: str | Conversation, args: argparse.Namespace
+) -> str:
+    """Stream one answer to stdout as it arrives; returns its text."""
+    parts = []
+    async for token in client.stream(prompt, timeout=args.timeout, **_options(args)):
+        if token.is_final:
+            sys.stdout.write("\n")
+            log.info(
+                "finish=%s prompt_tokens=%d completion_tokens=%d",
+                pb.FinishReason.Name(token.finish_reason),
+                token.usage.prompt_tokens,
+                token.usage.completion_tokens,
+            )
+        else:
+            parts.append(token.token)
+            sys.stdout.write(token.token)
+        sys.stdout.flush()
+    return "".join(parts)
+
+
+async def chat(args: argparse.Namespace, client: InferenceClient) -> int:
+    """Read user turns line by line; stream each answer; keep the history."""
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = list(opening)
+    while True:
+        sys.stderr.write("you> ")
+        sys.stderr.flush()
+        line = await asyncio.to_thread(sys.stdin.readline)  # never block the loop
+        if not line:
+            sys.stderr.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = list(opening)
+            log.info("conversation reset")
+            continue
+        turn = [*history, {"role": "user", "content": text}]
+        try:
+            answer = await _stream_to_stdout(client, turn, args)
+        except grpc.aio.AioRpcError as exc:
+            # The turn is dropped; the conversation so far stays.
+            log.error("%s: %s", exc.code().name, exc.details())
+            continue
+        history = [*turn, {"role": "assistant", "content": answer}]
+
+
+async def run(args: argparse.Namespace, client: InferenceClient) -> int:
     async with client:
         await client.wait_ready(timeout=args.wait)
+        if args.chat:
+            return await chat(args, client)
+        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt: str | Conversation = text
+        if args.system:
+            prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": text}]
         if args.unary:
-            response = await client.predict(prompt, timeout=args.timeout, **options)
+            response = await client.predict(prompt, timeout=args.timeout, **_options(args))
             sys.stdout.write(response.text + "\n")
             log.info(
                 "finish=%s prompt_tokens=%d completion_tokens=%d latency=%.0f ms version=%s",
@@ -106,24 +174,17 @@ async def run(args: argparse.Namespace, client: InferenceClient) -> int:
                 response.model_version,
             )
             return 0
-        async for token in client.stream(prompt, timeout=args.timeout, **options):
-            if token.is_final:
-                sys.stdout.write("\n")
-                log.info(
-                    "finish=%s prompt_tokens=%d completion_tokens=%d",
-                    pb.FinishReason.Name(token.finish_reason),
-                    token.usage.prompt_tokens,
-                    token.usage.completion_tokens,
-                )
-            else:
-                sys.stdout.write(token.token)
-            sys.stdout.flush()
+        await _stream_to_stdout(client, prompt, args)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.chat and args.prompt is not None:
+        parser.error("--chat reads its turns from the terminal: give no prompt")
+    if not args.chat and args.prompt is None:
+        parser.error("give a prompt ('-' reads standard input), or --chat")
     logging.basicConfig(level=logging.INFO, format="[%(message)s]", stream=sys.stderr)
     try:
         return asyncio.run(_run(parser, args))

@@ -27,8 +27,21 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One message of a conversation; ``role`` is one of CHAT_ROLES."""
+
+    role: str
+    content: str
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One generation: a prompt, or (when ``messages`` is not empty) a conversation."""
+
     request_id: str
     model_id: str
     prompt: str
@@ -37,6 +50,8 @@ class GenerationRequest:
     apply_chat_template: bool | None = None
     # Who asked, for the log: an API key's id (never the key); "" without keys.
     client: str = ""
+    # A conversation to render with the chat template instead of ``prompt``.
+    messages: tuple[ChatTurn, ...] = ()
 
 
 class FinishReason(enum.Enum):

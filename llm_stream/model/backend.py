@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from llm_stream.engine.types import GenerationRequest, PreparedRequest
+from llm_stream.engine.types import ChatTurn, GenerationRequest, PreparedRequest
 from llm_stream.errors import InvalidRequestError
+from llm_stream.model.chat import plain_conversation, templated_conversation
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.text_assembler import TextAssembler
 
@@ -49,6 +50,32 @@ class HFBackend:
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and check against the model's context; InvalidRequestError if it cannot fit."""
+        ids = self._prompt_ids(request)
+        what = "the conversation" if request.messages else "the prompt"
+        if not ids:
+            raise InvalidRequestError(f"{what} tokenizes to nothing; send some text")
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"{what} is {len(ids)} tokens but model {self.model_id!r} accepts at most "
+                f"{self.context_length} tokens of context; shorten {what}"
+            )
+        sampling = request.sampling
+        if sampling.max_tokens > room and sampling.max_tokens_explicit:
+            raise InvalidRequestError(
+                f"{what} ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
+                f"model {self.model_id!r}'s context of {self.context_length} tokens; "
+                f"ask for at most {room} tokens or shorten {what}"
+            )
+        return PreparedRequest(request, tuple(ids), min(sampling.max_tokens, room))
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.messages:
+            if request.apply_chat_template is False or not self.has_chat_template:
+                text = plain_conversation(request.messages)
+                return list(self._tokenizer(text)["input_ids"])
+            text = templated_conversation(self._tokenizer, request.messages)
+            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         use_template = request.apply_chat_template
         if use_template is None:
             use_template = self.has_chat_template
@@ -58,30 +85,10 @@ class HFBackend:
                 "send config.apply_chat_template = false or leave it unset"
             )
         if use_template:
-            text = self._tokenizer.apply_chat_template(
-                [{"role": "user", "content": request.prompt}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self._tokenizer(request.prompt)["input_ids"]
-        if not ids:
-            raise InvalidRequestError("features['prompt'] tokenizes to nothing; send some text")
-        room = self.context_length - len(ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"the prompt is {len(ids)} tokens but model {self.model_id!r} accepts at most "
-                f"{self.context_length} tokens of context; shorten the prompt"
-            )
-        sampling = request.sampling
-        if sampling.max_tokens > room and sampling.max_tokens_explicit:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) exceeds "
-                f"model {self.model_id!r}'s context of {self.context_length} tokens; "
-                f"ask for at most {room} tokens or shorten the prompt"
-            )
-        return PreparedRequest(request, tuple(ids), min(sampling.max_tokens, room))
+            turn = ChatTurn("user", request.prompt)
+            text = templated_conversation(self._tokenizer, [turn])
+            return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._tokenizer(request.prompt)["input_ids"])
 
     def text_assembler(self, prepared: PreparedRequest) -> TextAssembler:
         return TextAssembler(

@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass
 
 from llm_stream.engine.types import (
+    CHAT_ROLES,
+    ChatTurn,
     Completion,
     FinishReason,
     GenerationRequest,
@@ -47,10 +49,12 @@ def to_generation_request(
     message: pb.PredictRequest, limits: RequestLimits, request_id: str | None = None
 ) -> GenerationRequest:
     config = message.config
+    messages = _conversation(message)
     return GenerationRequest(
         request_id=request_id or request_id_of(message),
         model_id=message.model_id,
-        prompt=_prompt(message),
+        prompt="" if messages else _prompt(message),
+        messages=messages,
         sampling=_sampling(config, limits),
         apply_chat_template=(
             config.apply_chat_template if config.HasField("apply_chat_template") else None
@@ -58,10 +62,32 @@ def to_generation_request(
     )
 
 
+def _conversation(message: pb.PredictRequest) -> tuple[ChatTurn, ...]:
+    """The request's ``messages``, checked; empty when it sends a prompt instead."""
+    if not message.messages:
+        return ()
+    if PROMPT_FEATURE in message.features:
+        raise InvalidRequestError(
+            "the request has both messages and features['prompt']; send one or the other"
+        )
+    turns = []
+    for index, turn in enumerate(message.messages):
+        if turn.role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"messages[{index}].role must be {', '.join(CHAT_ROLES[:-1])} or "
+                f"{CHAT_ROLES[-1]}, got {turn.role[:40]!r}"
+            )
+        turns.append(ChatTurn(turn.role, turn.content))
+    if not any(turn.content for turn in turns):
+        raise InvalidRequestError("the conversation is empty: every message's content is empty")
+    return tuple(turns)
+
+
 def _prompt(message: pb.PredictRequest) -> str:
     if PROMPT_FEATURE not in message.features:
         raise InvalidRequestError(
-            "features['prompt'] is missing; send the prompt as features['prompt'].string_value"
+            "features['prompt'] is missing; send the prompt as features['prompt'].string_value, "
+            "or a conversation as messages"
         )
     feature = message.features[PROMPT_FEATURE]
     kind = feature.WhichOneof("value")

@@ -87,6 +87,7 @@ class PredictRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Registry key of the model; empty selects the server's default model."""
     request_id: _builtins.str
@@ -99,6 +100,14 @@ class PredictRequest(_message.Message):
 
     @_builtins.property
     def config(self) -> Global___InferenceConfig: ...
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """Added: a conversation instead of features["prompt"] (send one or the
+        other, not both). The model's chat template renders it, with the prompt
+        for the assistant's next turn added; a model without a template gets the
+        plain fallback documented in the README.
+        """
+
     def __init__(
         self,
         *,
@@ -106,14 +115,40 @@ class PredictRequest(_message.Message):
         request_id: _builtins.str = ...,
         features: _abc.Mapping[_builtins.str, Global___FeatureValue] | None = ...,
         config: Global___InferenceConfig | None = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "features", b"features", "model_id", b"model_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "features", b"features", "messages", b"messages", "model_id", b"model_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """Added: one turn of a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user" or "assistant"."""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class FeatureValue(_message.Message):
