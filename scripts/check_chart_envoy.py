@@ -3,10 +3,11 @@
 For every rendered manifest file with the chart's Envoy (ConfigMap + Deployment):
 
 1. The config files in the ConfigMap equal, as data, what scripts/render_envoy.py
-   renders for the same listener, admin, upstreams and, with upstream TLS, for the
-   paths where the Envoy Deployment mounts its ConfigMap and Secrets and the server
-   name the chart chose. So the chart's config is deploy/envoy.yaml with only what
-   render_envoy.py changes, and the TLS variant the Envoy tests run is the chart's.
+   renders for the same listener, admin, upstreams, CORS origins (envoy.grpcWeb) and,
+   with upstream TLS, for the paths where the Envoy Deployment mounts its ConfigMap and
+   Secrets and the server name the chart chose. So the chart's config is
+   deploy/envoy.yaml with only what render_envoy.py changes, and the TLS variant the
+   Envoy tests run is the chart's.
 2. It is valid for the real Envoy (``envoy --mode validate``): the files are written to a
    temporary folder (their mount paths rewritten to it) next to throwaway certificates
    (tests/certs.py), and Envoy must neither reject an SDS file nor warn of deprecated
@@ -117,6 +118,14 @@ def expected_files(configmap: dict[str, Any], deployment: dict[str, Any]) -> dic
         for group in cluster["load_assignment"]["endpoints"]
         for e in group["lb_endpoints"]
     ]
+    allowed_origins, allowed_origin_regexes = [], []
+    for matcher in render_envoy.cors_policy(config).get("allow_origin_string_match", []):
+        if set(matcher) == {"exact"}:
+            allowed_origins.append(matcher["exact"])
+        elif set(matcher) == {"safe_regex"} and set(matcher["safe_regex"]) == {"regex"}:
+            allowed_origin_regexes.append(matcher["safe_regex"]["regex"])
+        else:
+            raise ValueError(f"a CORS origin matcher render_envoy.py does not write: {matcher}")
     tls = None
     socket = cluster.get("transport_socket")
     if socket is not None:
@@ -135,8 +144,15 @@ def expected_files(configmap: dict[str, Any], deployment: dict[str, Any]) -> dic
         listen_address=listener["address"]["socket_address"]["address"],
         admin_address=config["admin"]["address"]["socket_address"]["address"],
         upstream_tls=tls,
+        allowed_origins=allowed_origins,
+        allowed_origin_regexes=allowed_origin_regexes,
     )
-    return {"config_dir": config_dir, "tls": tls, "files": files}
+    return {
+        "config_dir": config_dir,
+        "tls": tls,
+        "files": files,
+        "origins": len(allowed_origins) + len(allowed_origin_regexes),
+    }
 
 
 def validate(envoy: Path, data: dict[str, str], expected: dict[str, Any], work: Path) -> str:
@@ -231,6 +247,7 @@ def check(name: str, envoy: Path) -> list[str]:
     what = "plaintext upstreams"
     if tls is not None:
         what = "upstream mTLS" if tls.client_cert else "upstream TLS"
+    what += f", {expected['origins']} grpc-web origins"
     if not failures:
         sys.stdout.write(
             f"ok   {name}: Envoy config ({what}) = render_envoy.py's, envoy validates it\n"

