@@ -361,3 +361,27 @@ async def test_unexpected_failure_is_internal_without_trace(
         )
         assert batch.results[0].WhichOneof("outcome") == "response"
         await wait_in_flight_zero(running)
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+async def test_undecodable_health_requests_are_invalid_argument(
+    tiny_server: RunningServer, method: str
+) -> None:
+    """grpc.health.v1 decodes like the service does: no UNKNOWN naming a Python class."""
+    path = f"/grpc.health.v1.Health/{method}"
+    garbage = b"\x0a\x05ab"  # a string field cut short
+    call: Any
+    if method == "Check":
+        call = tiny_server.channel.unary_unary(path)(garbage, timeout=10)
+    else:
+        call = tiny_server.channel.unary_stream(path)(garbage, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        if method == "Check":
+            await call
+        else:
+            async for _ in call:
+                pass
+    assert_clear(
+        raised.value, grpc.StatusCode.INVALID_ARGUMENT, "grpc.health.v1.HealthCheckRequest"
+    )
+    assert "<class" not in (raised.value.details() or "")

@@ -16,14 +16,17 @@ each call passes, in order:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from llm_stream.access import AccessControl
@@ -122,12 +125,12 @@ async def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> NoRetu
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | None]]
 StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Message]]
 
 
 def _guard_unary(gate: CallGate, behaviour: UnaryBehaviour) -> UnaryBehaviour:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Message | None:
         key, units = await gate.admit(request, context)
         try:
             return await behaviour(request, context)
@@ -158,24 +161,31 @@ def _guard_stream(gate: CallGate, behaviour: StreamBehaviour) -> StreamBehaviour
     return call
 
 
-def guarded_service_handler(servicer: object, gate: CallGate) -> grpc.GenericRpcHandler:
-    """InferenceService's methods on ``servicer``, each behind ``gate``."""
+def guarded_service_handler(
+    servicer: object,
+    gate: CallGate,
+    service: ServiceDescriptor = SERVICE,
+    messages: ModuleType = pb,
+) -> grpc.GenericRpcHandler:
+    """``service``'s methods on ``servicer`` (message classes from ``messages``),
+    each behind ``gate``. A streaming method may be an async generator, or a
+    coroutine that writes with ``context.write`` (as grpc's health servicer does)."""
     handlers = {}
-    for method in SERVICE.methods:
-        request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
+    for method in service.methods:
+        request_class = getattr(messages, method.input_type.name)
+        response_class = getattr(messages, method.output_type.name)
         behaviour = getattr(servicer, method.name)
-        assert not method.client_streaming, "every InferenceService method takes one request"
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _guard_stream(gate, behaviour),
-                request_deserializer=lenient_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
+        assert not method.client_streaming, f"{method.full_name} must take one request"
+        wrapped: Any
+        if method.server_streaming and inspect.isasyncgenfunction(behaviour):
+            wrapped, make = _guard_stream(gate, behaviour), grpc.unary_stream_rpc_method_handler
+        elif method.server_streaming:
+            wrapped, make = _guard_unary(gate, behaviour), grpc.unary_stream_rpc_method_handler
         else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(gate, behaviour),
-                request_deserializer=lenient_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
-    return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+            wrapped, make = _guard_unary(gate, behaviour), grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            wrapped,
+            request_deserializer=lenient_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

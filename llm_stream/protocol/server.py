@@ -7,9 +7,10 @@ knows gRPC.
 from __future__ import annotations
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
+from llm_stream.access import AccessControl
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.protocol.guard import CallGate, guarded_service_handler
 from llm_stream.protocol.health import HealthState
@@ -18,6 +19,7 @@ from llm_stream.protocol.tls import TLSFiles, server_credentials
 from llm_stream.settings import Settings
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -64,8 +66,9 @@ def build_grpc_server(
     reflection, not yet bound."""
     compression = grpc.Compression.Gzip if settings.compression == "gzip" else None
     server = grpc.aio.server(options=server_options(settings), compression=compression)
-    server.add_generic_rpc_handlers((guarded_service_handler(servicer, gate),))
-    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
+    server.add_generic_rpc_handlers(
+        (guarded_service_handler(servicer, gate), health_handler(health_state))
+    )
     if settings.reflection:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -73,10 +76,17 @@ def build_grpc_server(
     return server
 
 
+def health_handler(health_state: HealthState) -> grpc.GenericRpcHandler:
+    """grpc.health.v1, open to all, with the same decoding and last-net as the service."""
+    return guarded_service_handler(
+        health_state.servicer, CallGate(AccessControl()), HEALTH_SERVICE, health_pb2
+    )
+
+
 def build_health_server(health_state: HealthState) -> grpc.aio.Server:
     """A server with nothing but grpc.health.v1, for a plaintext probe port beside TLS."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
+    server.add_generic_rpc_handlers((health_handler(health_state),))
     return server
 
 
