@@ -37,7 +37,12 @@ from llm_stream.engine.types import (
     StreamEnd,
     TokenEvent,
 )
-from llm_stream.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
+from llm_stream.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    UnavailableError,
+    quoted_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +131,9 @@ class Engine:
         model = self._models.get(model_id or self.default_model_id)
         if model is None:
             known = ", ".join(sorted(self._models)) or "none loaded yet"
-            raise ModelNotFoundError(f"unknown model_id {model_id!r}; this server serves: {known}")
+            raise ModelNotFoundError(
+                f"unknown model_id {quoted_input(model_id)}; this server serves: {known}"
+            )
         return model
 
     @property

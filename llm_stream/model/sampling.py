@@ -71,6 +71,11 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> torch.Tens
     temperature = torch.tensor([r.params.temperature for r in rows], device=device)
     # A vanishing temperature is greedy in all but name; the floor keeps logits finite.
     scaled = logits.float() / temperature.clamp(min=_MIN_TEMPERATURE).unsqueeze(1)
+    # A request's extreme repetition penalty (any positive float is valid) can push
+    # logits past float32's range; infinities would make softmax NaN and the draw an
+    # index of -1, failing the whole batch. Clamped, they only stay the most likely.
+    bound = torch.finfo(scaled.dtype)
+    scaled = torch.nan_to_num(scaled, nan=bound.min, posinf=bound.max, neginf=bound.min)
     top_k = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
     # Candidates sorted by logit, as many as the widest row needs.
     values, indices = torch.topk(scaled, max(top_k), dim=-1, sorted=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass
+from itertools import islice
 
 from llm_stream.engine.types import (
     CHAT_ROLES,
@@ -20,12 +21,17 @@ from llm_stream.engine.types import (
     StreamEnd,
     TokenEvent,
 )
-from llm_stream.errors import InvalidRequestError
+from llm_stream.errors import InvalidRequestError, quoted_input
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 
 PROMPT_FEATURE = "prompt"
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+# A client's request_id is kept to this many printable characters (README, "Error codes").
+MAX_REQUEST_ID_LENGTH = 128
+# Only this many characters of a client's request_id are looked at, so that a huge id
+# of characters that are all removed costs no more than a short one.
+REQUEST_ID_SCAN_LENGTH = 8 * MAX_REQUEST_ID_LENGTH
 
 FINISH_REASON_TO_PB = {
     FinishReason.END_OF_SEQUENCE: pb.FINISH_REASON_END_OF_SEQUENCE,
@@ -41,8 +47,24 @@ class RequestLimits:
     max_tokens_cap: int = 2048
 
 
+def clean_request_id(raw: str) -> str:
+    """A client's request_id, safe to log and echo; "" when nothing of it is left.
+
+    Every character ``str.isprintable`` refuses is removed: ASCII and C1 controls
+    (newlines, carriage returns, terminal escapes), format characters such as the
+    bidi controls U+202A-U+202E and U+2066-U+2069 or zero-width ones, separators
+    other than the ASCII space (U+2028 LINE SEPARATOR among them), surrogates,
+    private-use and unassigned code points. Then surrounding spaces go and the rest
+    is cut to MAX_REQUEST_ID_LENGTH characters. Only the first REQUEST_ID_SCAN_LENGTH
+    characters of ``raw`` are read.
+    """
+    kept = "".join(filter(str.isprintable, islice(raw, REQUEST_ID_SCAN_LENGTH)))
+    return kept.strip()[:MAX_REQUEST_ID_LENGTH].rstrip()
+
+
 def request_id_of(message: pb.PredictRequest) -> str:
-    return message.request_id or uuid.uuid4().hex
+    """The request's id: the client's, cleaned by :func:`clean_request_id`, else a new one."""
+    return clean_request_id(message.request_id) or uuid.uuid4().hex
 
 
 def to_generation_request(
@@ -75,7 +97,7 @@ def _conversation(message: pb.PredictRequest) -> tuple[ChatTurn, ...]:
         if turn.role not in CHAT_ROLES:
             raise InvalidRequestError(
                 f"messages[{index}].role must be {', '.join(CHAT_ROLES[:-1])} or "
-                f"{CHAT_ROLES[-1]}, got {turn.role[:40]!r}"
+                f"{CHAT_ROLES[-1]}, got {quoted_input(turn.role, 40)}"
             )
         turns.append(ChatTurn(turn.role, turn.content))
     if not any(turn.content for turn in turns):
@@ -186,5 +208,24 @@ def completion_to_pb(request_id: str, completion: Completion) -> pb.PredictRespo
 
 
 def request_id_header(request_id: str) -> str:
-    """``request_id`` for the x-request-id header: ASCII metadata, so others are escaped."""
-    return request_id.encode("ascii", "backslashreplace").decode("ascii")
+    """``request_id`` as an x-request-id header value.
+
+    gRPC ASCII metadata carries printable ASCII (0x20-0x7E) only, so every other
+    character is escaped as \\xNN, \\uNNNN or \\UNNNNNNNN (its code point in hex), and
+    a backslash is doubled so that the escaping stays unambiguous. Safe for any
+    string, cleaned (:func:`clean_request_id`) or not.
+    """
+    return "".join(
+        char if " " <= char <= "~" and char != "\\" else _escaped(char) for char in request_id
+    )
+
+
+def _escaped(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"

@@ -95,7 +95,7 @@ class CallGate:
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid {request.type_name} (malformed protobuf, or a "
-                f"string field that is not UTF-8); encode a {request.type_name} with the "
+                f"string field that is not UTF-8); encode an {request.type_name} with the "
                 "inference.v1 proto",
             )
         units = generations_held(request)

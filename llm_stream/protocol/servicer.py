@@ -18,7 +18,7 @@ import grpc
 
 from llm_stream.engine.engine import Engine
 from llm_stream.engine.types import Completion, GenerationRequest, TokenEvent
-from llm_stream.errors import InvalidRequestError, LLMStreamError
+from llm_stream.errors import InvalidRequestError, LLMStreamError, quoted_input
 from llm_stream.logging_setup import key_id_var, request_id_var
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -77,18 +77,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._limits = limits
         self._max_batch_size = max_batch_size
 
-    def _request(self, message: pb.PredictRequest) -> GenerationRequest:
-        request_id = request_id_of(message)
+    def _request(self, message: pb.PredictRequest, request_id: str) -> GenerationRequest:
         request_id_var.set(request_id)
         return _from_client(to_generation_request(message, self._limits, request_id))
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        request_id = request.request_id
+        request_id = request_id_of(request)
         try:
-            generation = self._request(request)
-            request_id = generation.request_id
+            generation = self._request(request, request_id)
             completion = await self._engine.complete(generation)
             return completion_to_pb(request_id, completion)
         except Exception as exc:
@@ -97,10 +95,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def StreamPredict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictToken]:
-        request_id = request.request_id
+        request_id = request_id_of(request)
         try:
-            generation = self._request(request)
-            request_id = generation.request_id
+            generation = self._request(request, request_id)
             headers_sent = False
             async with aclosing(self._engine.stream(generation)) as events:
                 async for event in events:
@@ -163,7 +160,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if not self._health.knows(request.service):
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"unknown service {request.service!r}; use '', "
+                f"unknown service {quoted_input(request.service)}; use '', "
                 "'inference.v1.InferenceService' or 'InferenceService'",
             )
         status = (

@@ -18,6 +18,11 @@ from llm_stream.errors import (
 
 # The trailing metadata gRPC clients' retry policies read as "wait this long, then retry".
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The longest status message sent. Messages are short by design and quote client input
+# only through errors.quoted_input; this is the net under that: the message travels
+# percent-encoded in the grpc-message trailer (up to 12 bytes a character), and gRPC
+# clients drop a call whose metadata passes 8 to 16 KiB ("Stream removed").
+MAX_MESSAGE_LENGTH = 512
 
 STATUS_FOR_ERROR: dict[type[LLMStreamError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -34,11 +39,20 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
     for kind in type(exc).__mro__:
         code = STATUS_FOR_ERROR.get(kind)
         if code is not None:
-            return code, str(exc)
+            return code, bounded_message(str(exc))
     return (
         grpc.StatusCode.INTERNAL,
-        f"internal error while serving request {request_id}; the server log has the details",
+        bounded_message(
+            f"internal error while serving request {request_id}; the server log has the details"
+        ),
     )
+
+
+def bounded_message(message: str) -> str:
+    """``message``, cut to MAX_MESSAGE_LENGTH characters (ending in "...") when longer."""
+    if len(message) <= MAX_MESSAGE_LENGTH:
+        return message
+    return message[: MAX_MESSAGE_LENGTH - 3] + "..."
 
 
 async def abort_with(
@@ -47,5 +61,5 @@ async def abort_with(
     """End the call with ``code``; a RESOURCE_EXHAUSTED tells the client when to retry."""
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback_ms)),))
-    await context.abort(code, message)
+    await context.abort(code, bounded_message(message))
     raise AssertionError("context.abort returned")  # pragma: no cover
