@@ -1,11 +1,13 @@
 """Composition: settings in, a running server out.
 
-Wires the pieces the transport package only converts and serves: loads the
+Wires the pieces the transport packages only convert and serve: loads the
 configured models, builds the engine (one continuous batch per model), health,
-metrics and the gRPC server, and runs their life: the port opens at once with
-health NOT_SERVING; models load on a worker thread and warm up; only then does
-health turn SERVING. Draining flips health first, refuses new RPCs, and gives
-in-flight ones the grace period.
+metrics, the gRPC server and the OpenAI-compatible HTTP server (uvicorn on the
+same event loop, over the same engine and access control), and runs their life:
+the ports open at once with health NOT_SERVING; models load on a worker thread
+and warm up; only then does health turn SERVING. Draining flips health first,
+refuses new requests (gRPC: UNAVAILABLE, HTTP: 503), and gives in-flight ones
+the grace period.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from llm_stream.access.api_keys import ApiKeyStore
 from llm_stream.engine.engine import Engine, EngineState
 from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
+from llm_stream.http.app import OpenAIApi
+from llm_stream.http.server import HttpServer
 from llm_stream.metrics import ServerMetrics
 from llm_stream.protocol.convert import RequestLimits
 from llm_stream.protocol.guard import CallGate
@@ -29,6 +33,9 @@ from llm_stream.protocol.tls import TLSConfigError
 from llm_stream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# How long HTTP responses get to close after the drain grace has stopped their generations.
+HTTP_CANCEL_WAIT_S = 1.0
 
 # Returns the loaded backends, the default first. Runs on a worker thread.
 ModelLoader = Callable[[Settings], Sequence[ModelBackend]]
@@ -88,9 +95,24 @@ class LLMStreamServer:
         self.gate = CallGate(self.access, pushback_ms, on_rejected=self.metrics.rejected)
         self._server = build_grpc_server(settings, servicer, self.health, self.gate)
         self._health_server = build_health_server(self.health) if settings.health_port else None
+        self.openai = OpenAIApi(
+            self.engine,
+            self.health,
+            self.access,
+            RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
+            on_rejected=self.metrics.rejected,
+            retry_after_s=settings.retry_pushback_s,
+            max_body_bytes=settings.max_message_bytes,
+        )
+        self._http = (
+            HttpServer(self.openai.app, settings.host, settings.http_port)
+            if settings.http_port
+            else None
+        )
         self.port = 0
         self.health_port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self.ready: asyncio.Task[None] | None = None
 
     def _bind(self) -> None:
@@ -106,6 +128,12 @@ class LLMStreamServer:
                 self.health_port = self._health_server.add_insecure_port(address)
             except RuntimeError as exc:
                 raise OSError(f"cannot listen on {address} (--health-port): {exc}") from exc
+        if self._http is not None:
+            address = f"{self.settings.host}:{self.settings.http_port}"
+            try:
+                self.http_port = self._http.bind()
+            except OSError as exc:
+                raise OSError(f"cannot listen on {address} (--http-port): {exc}") from exc
 
     async def start(self) -> int:
         """Bind and start serving health; load and warm up in the background."""
@@ -118,18 +146,29 @@ class LLMStreamServer:
                 )
             except OSError as exc:
                 await self._server.stop(0)
+                if self._http is not None:
+                    await self._http.stop(0)
                 raise OSError(
                     f"cannot serve metrics on port {self.settings.metrics_port}: {exc}"
                 ) from exc
         await self._server.start()
         if self._health_server is not None:
             await self._health_server.start()
+        if self._http is not None:
+            await self._http.start()
+            if self.settings.tls_cert is not None:
+                log.warning(
+                    "the HTTP API on port %d is plaintext: --tls-cert secures the gRPC port "
+                    "only; put a TLS proxy in front of it, or turn it off with --http-port 0",
+                    self.http_port,
+                )
         log.info(
-            "listening on %s:%d%s%s (health NOT_SERVING until warm-up)",
+            "listening on %s:%d%s%s%s (health NOT_SERVING until warm-up)",
             self.settings.host,
             self.port,
             self._security_summary(),
             f"; health only on {self.health_port}" if self._health_server else "",
+            f"; OpenAI-compatible HTTP API and chat page on {self.http_port}" if self._http else "",
         )
         self.ready = asyncio.create_task(self._load_and_warm_up(), name="load-and-warm-up")
         return self.port
@@ -166,6 +205,33 @@ class LLMStreamServer:
                 default.device,
                 ", ".join(self.engine.backends),
             )
+            if self._http is not None:
+                host = self.settings.host
+                shown = "localhost" if host in {"[::]", "::", "0.0.0.0", ""} else host
+                log.info(
+                    "chat page on http://%s:%d/ and the OpenAI-compatible API on http://%s:%d/v1",
+                    shown,
+                    self.http_port,
+                    shown,
+                    self.http_port,
+                )
+
+    async def _drain_http(self, grace: float) -> None:
+        """New HTTP requests get 503 (the engine is draining) while the port stays open
+        and in-flight generations finish within the grace; then uvicorn stops."""
+        if self._http is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.openai.active:
+            log.info("draining: %d HTTP generations in flight", self.openai.active)
+        if not await self.openai.wait_idle(grace):
+            # Grace over: the generations end now, as "cancelled", so that each stream
+            # still closes properly rather than being cut by uvicorn.
+            log.info("drain grace over: stopping %d HTTP generations", self.openai.active)
+            self.engine.stop_all()
+            await self.openai.wait_idle(HTTP_CANCEL_WAIT_S)
+        await self._http.stop(deadline - loop.time())
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace."""
@@ -177,7 +243,7 @@ class LLMStreamServer:
         log.info("draining: %d requests in flight, grace %.1f s", self.engine.in_flight, grace)
         # stop() refuses new RPCs, waits up to grace for running ones, then cancels them;
         # cancelled handlers set their stop signals, which ends their generations.
-        await self._server.stop(grace)
+        await asyncio.gather(self._server.stop(grace), self._drain_http(grace))
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.engine.close()

@@ -116,6 +116,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ),
     ("--compression", str, "default response compression: gzip or none"),
     ("--metrics-port", _port, "Prometheus /metrics over HTTP on this port; 0 turns it off"),
+    (
+        "--http-port",
+        _port,
+        "OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and "
+        "the chat page on this port; 0 turns it off",
+    ),
     ("--reflection", _parse_bool, "enable gRPC server reflection"),
     ("--tls-cert", Path, "PEM certificate (chain) for TLS on the gRPC port; needs --tls-key"),
     ("--tls-key", Path, "PEM private key of --tls-cert"),
@@ -247,3 +253,9 @@ def _check_security(settings: Settings, parser: argparse.ArgumentParser) -> None
         parser.error("--max-concurrent-per-key counts per API key: give --api-keys-file too")
     if settings.health_port and settings.health_port in {settings.port, settings.metrics_port}:
         parser.error("--health-port must differ from --port and --metrics-port")
+    if settings.http_port and settings.http_port in {
+        settings.port,
+        settings.metrics_port,
+        settings.health_port,
+    }:
+        parser.error("--http-port must differ from --port, --metrics-port and --health-port")

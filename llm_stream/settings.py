@@ -56,6 +56,9 @@ class Settings:
     compression: str = "gzip"
     # Prometheus metrics over HTTP on this port (same host); 0 turns them off.
     metrics_port: int = 0
+    # The OpenAI-compatible HTTP API and the chat page on this port (same host, same
+    # process and engine as gRPC); 0 turns it off.
+    http_port: int = 8000
     reflection: bool = True
     # TLS on the gRPC port (PEM files, re-read when they change); with tls_client_ca
     # clients must present a certificate signed by it (mTLS).

@@ -10,6 +10,8 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "install (.venv)"
 bash scripts/setup.sh
+step "install the browser for the chat-page test (.venv has playwright)"
+bash scripts/install_browser.sh
 step "install deployment tools (.tools)"
 bash scripts/install_tools.sh
 step "generated code matches the proto"

@@ -45,6 +45,8 @@ def tiny_settings(tiny_model_dir: Path, cache_dir: Path, **overrides: Any) -> Se
         max_tokens_cap=4000,
         default_max_tokens=16,
         drain_grace_s=5.0,
+        # No HTTP unless a test asks for it (with a free_port()): 8000 may be taken.
+        http_port=0,
     )
     return dataclasses.replace(base, **overrides)
 
@@ -59,6 +61,12 @@ class RunningServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (the server needs an ``http_port``)."""
+        assert self.server.http_port, "start the server with http_port=free_port()"
+        return f"http://127.0.0.1:{self.server.http_port}"
 
 
 @contextlib.asynccontextmanager

@@ -51,6 +51,7 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--max-connection-age-grace": ("15", "max_connection_age_grace_s", 15.0),
     "--compression": ("none", "compression", "none"),
     "--metrics-port": ("9100", "metrics_port", 9100),
+    "--http-port": ("8080", "http_port", 8080),
     "--reflection": ("false", "reflection", False),
     "--tls-cert": ("/tls/tls.crt", "tls_cert", Path("/tls/tls.crt")),
     "--tls-key": ("/tls/tls.key", "tls_key", Path("/tls/tls.key")),
@@ -103,8 +104,8 @@ def test_every_flag_has_an_env_var(flag: str) -> None:
 
 def test_flags_beat_env_which_beats_defaults() -> None:
     env = {"LLM_STREAM_PORT": "7000", "LLM_STREAM_MAX_QUEUE": "3", "LLM_STREAM_DTYPE": "float16"}
-    settings = parse_settings(["--port", "8000"], env)
-    assert settings.port == 8000  # flag over env
+    settings = parse_settings(["--port", "8001"], env)
+    assert settings.port == 8001  # flag over env
     assert settings.max_queue == 3  # env over default
     assert settings.dtype == "float16"
     assert settings.max_concurrent == Settings().max_concurrent  # default
@@ -144,6 +145,10 @@ def test_model_flag_repeats_and_env_is_comma_separated() -> None:
         (["--tls-client-ca", "/ca.pem"], {}, ("--tls-client-ca", "needs TLS")),
         (["--max-concurrent-per-key", "2"], {}, ("--api-keys-file",)),
         (["--health-port", "50051"], {}, ("--health-port", "differ")),
+        (["--http-port", "50051"], {}, ("--http-port", "differ")),
+        (["--port", "8000"], {}, ("--http-port", "differ")),
+        (["--metrics-port", "9100", "--http-port", "9100"], {}, ("--http-port", "differ")),
+        (["--http-port", "70000"], {}, ("--http-port", "0 to 65535")),
         (["--retry-pushback", "-1"], {}, ("--retry-pushback", "negative")),
     ],
 )

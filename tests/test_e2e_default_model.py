@@ -37,7 +37,7 @@ def model_cache_dir() -> Path:
 
 @pytest.fixture(scope="module")
 async def default_server() -> AsyncIterator[RunningServer]:
-    settings = Settings(host="127.0.0.1", port=0, cache_dir=model_cache_dir())
+    settings = Settings(host="127.0.0.1", port=0, http_port=0, cache_dir=model_cache_dir())
     async with running_server(settings) as running:
         yield running
 
@@ -137,7 +137,10 @@ def test_readme_flow_serve_then_client(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "LLM_STREAM_CACHE_DIR": str(model_cache_dir())}
     server = subprocess.Popen(
-        [sys.executable, "-m", "llm_stream.serve", "--port", str(port), "--host", "127.0.0.1"],
+        [
+            *(sys.executable, "-m", "llm_stream.serve"),
+            *("--port", str(port), "--host", "127.0.0.1", "--http-port", "0"),
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

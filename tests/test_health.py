@@ -252,8 +252,10 @@ async def serve_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Pr
 
 
 async def test_sigterm_drains_then_exits_zero(tiny_model_dir: Path, cache_dir: Path) -> None:
-    port = free_port()
+    port, http_port = free_port(), free_port()
     args = ("--model", f"tiny={tiny_model_dir}", "--host", "127.0.0.1", "--port", str(port))
+    # The HTTP API's uvicorn runs in the same loop: SIGTERM must still drain the server.
+    args += ("--http-port", str(http_port))
     # The grace is a bound, not a wait: drain ends as soon as the stream has finished.
     args += ("--cache-dir", str(cache_dir), "--drain-grace", "20", "--max-tokens-cap", "4000")
     async with serve_process(*args) as (process, lines):
@@ -283,12 +285,14 @@ async def test_sigterm_drains_then_exits_zero(tiny_model_dir: Path, cache_dir: P
     )
     assert ready_line, log
     assert ready_line.group(1).startswith("sha256-")
+    assert f"chat page on http://127.0.0.1:{http_port}/" in log
     assert "shutdown signal received" in log
     assert "Traceback" not in log
 
 
 async def test_model_that_fails_to_load_exits_one(cache_dir: Path) -> None:
     args = ("--model", "/nonexistent/folder", "--host", "127.0.0.1", "--port", "0")
+    args += ("--http-port", "0")
     async with serve_process(*args, "--cache-dir", str(cache_dir)) as (process, lines):
         assert await asyncio.wait_for(process.wait(), HANG_GUARD_S) == 1
     log = "".join(lines)
