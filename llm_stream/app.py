@@ -23,14 +23,15 @@ from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
 from llm_stream.http.app import OpenAIApi
 from llm_stream.http.server import HttpServer
+from llm_stream.http.tls import ReloadingSSLContext
 from llm_stream.metrics import ServerMetrics
 from llm_stream.protocol.convert import RequestLimits
 from llm_stream.protocol.guard import CallGate
 from llm_stream.protocol.health import HealthState
 from llm_stream.protocol.server import bind, build_grpc_server, build_health_server
 from llm_stream.protocol.servicer import InferenceServicer
-from llm_stream.protocol.tls import TLSConfigError
 from llm_stream.settings import Settings
+from llm_stream.tls_files import TLSConfigError, TLSFiles
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,12 @@ def load_api_keys(settings: Settings) -> ApiKeyStore | None:
         raise OSError(f"cannot read --api-keys-file {settings.api_keys_file}: {exc}") from exc
 
 
+def tls_files(settings: Settings) -> TLSFiles | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return TLSFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+
+
 class LLMStreamServer:
     """Raises OSError, saying what to fix, when a port, certificate or key file is unusable."""
 
@@ -104,11 +111,8 @@ class LLMStreamServer:
             retry_after_s=settings.retry_pushback_s,
             max_body_bytes=settings.max_message_bytes,
         )
-        self._http = (
-            HttpServer(self.openai.app, settings.host, settings.http_port)
-            if settings.http_port
-            else None
-        )
+        self._http: HttpServer | None = None
+        self._https: ReloadingSSLContext | None = None
         self.port = 0
         self.health_port = 0
         self.metrics_port = 0
@@ -117,7 +121,7 @@ class LLMStreamServer:
 
     def _bind(self) -> None:
         try:
-            self.port = bind(self._server, self.settings.address, self.settings)
+            self.port = bind(self._server, self.settings.address, tls_files(self.settings))
         except TLSConfigError as exc:
             raise OSError(f"cannot serve TLS: {exc}") from exc
         except RuntimeError as exc:
@@ -128,8 +132,20 @@ class LLMStreamServer:
                 self.health_port = self._health_server.add_insecure_port(address)
             except RuntimeError as exc:
                 raise OSError(f"cannot listen on {address} (--health-port): {exc}") from exc
-        if self._http is not None:
+        if self.settings.http_port:
             address = f"{self.settings.host}:{self.settings.http_port}"
+            files = tls_files(self.settings)
+            try:
+                # The HTTP port serves HTTPS (and mTLS) with the gRPC port's certificates.
+                self._https = None if files is None else ReloadingSSLContext(files)
+            except TLSConfigError as exc:
+                raise OSError(f"cannot serve TLS on the HTTP port: {exc}") from exc
+            self._http = HttpServer(
+                self.openai.app,
+                self.settings.host,
+                self.settings.http_port,
+                None if self._https is None else self._https.context,
+            )
             try:
                 self.http_port = self._http.bind()
             except OSError as exc:
@@ -156,12 +172,8 @@ class LLMStreamServer:
             await self._health_server.start()
         if self._http is not None:
             await self._http.start()
-            if self.settings.tls_cert is not None:
-                log.warning(
-                    "the HTTP API on port %d is plaintext: --tls-cert secures the gRPC port "
-                    "only; put a TLS proxy in front of it, or turn it off with --http-port 0",
-                    self.http_port,
-                )
+        if self._https is not None:
+            self._https.start()
         log.info(
             "listening on %s:%d%s%s%s (health NOT_SERVING until warm-up)",
             self.settings.host,
@@ -244,6 +256,8 @@ class LLMStreamServer:
         # stop() refuses new RPCs, waits up to grace for running ones, then cancels them;
         # cancelled handlers set their stop signals, which ends their generations.
         await asyncio.gather(self._server.stop(grace), self._drain_http(grace))
+        if self._https is not None:
+            await self._https.stop()
         if self._health_server is not None:
             await self._health_server.stop(0)
         await self.engine.close()

@@ -5,11 +5,14 @@ Every certificate is real (tests/certs.py); every call goes through a real chann
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx2 as httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -156,7 +159,7 @@ async def test_rotated_certificates_are_served_without_a_restart(
         assert (await running.stub.Predict(prompt_request("still", max_tokens=2))).text
 
         # A broken pair (a key that does not match) is refused; the last good one stays.
-        with caplog.at_level(logging.ERROR, logger="llm_stream.protocol.tls"):
+        with caplog.at_level(logging.ERROR, logger="llm_stream.tls_files"):
             key.write_bytes(ca.issue_server("mismatch").key_pem)
             assert await predict_over(port, new_trust)
         assert "keeping the last ones" in caplog.text
@@ -248,3 +251,59 @@ async def test_cli_speaks_mtls(
         assert code == 1 and out == "" and "Traceback" not in err
         code, _, err = await run_cli((*target, "--client-cert", str(client_cert.cert), "x"), {})
         assert code == 2 and "--client-key" in err
+
+
+async def test_http_port_serves_https_with_the_same_certificates(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """The OpenAI-compatible port is HTTPS (and mTLS) too, and follows rotations."""
+    served = tmp_path / "served"
+    served.mkdir()
+    cert, key = served / "tls.crt", served / "tls.key"
+    install(ca.issue_server(), cert, key)
+    client_cert = ca.issue_client()
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=cert,
+        tls_key=key,
+        tls_client_ca=ca.cert,
+        http_port=free_port(),
+    )
+    good = channel_credentials(ca.cert, client_cert.cert, client_cert.key)
+    async with running_server(settings, credentials=good) as running:
+        url = f"https://localhost:{running.server.http_port}/v1/models"
+
+        def client(trust: Path, with_cert: bool = True) -> httpx.AsyncClient:
+            context = ssl.create_default_context(cafile=trust)
+            if with_cert:
+                context.load_cert_chain(client_cert.cert, client_cert.key)
+            return httpx.AsyncClient(verify=context, timeout=10)
+
+        async with client(ca.cert) as http:
+            response = await http.get(url)
+        assert response.status_code == 200
+        assert response.json()["data"][0]["id"] == "tiny"
+
+        # Plaintext, or TLS without a client certificate, never reaches the API.
+        async with httpx.AsyncClient(timeout=10) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get(url.replace("https://", "http://"))
+        async with client(ca.cert, with_cert=False) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get(url)
+
+        # A renewed certificate from a new issuer reaches new HTTPS connections.
+        new_ca = CertificateAuthority(tmp_path / "new-ca", name="renewed CA")
+        install(new_ca.issue_server(), cert, key)
+
+        async def served_by_new_ca() -> None:
+            while True:
+                try:
+                    async with client(new_ca.cert) as http:
+                        if (await http.get(url)).status_code == 200:
+                            return
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.25)
+
+        await asyncio.wait_for(served_by_new_ca(), 15)

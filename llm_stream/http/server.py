@@ -14,6 +14,7 @@ import errno
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Iterator
 
 import anyio
@@ -76,7 +77,11 @@ async def _load_anyio() -> None:
 class HttpServer:
     """An ASGI app served by uvicorn (HTTP/1.1 with h11) as a task of the running loop."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+    def __init__(
+        self, app: ASGIApp, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """With ``ssl_context``, HTTPS: uvicorn serves new connections with whatever
+        certificate that context holds at the time (see ``http.tls``)."""
         self._host = host
         self._requested_port = port
         self._config = uvicorn.Config(
@@ -89,6 +94,9 @@ class HttpServer:
             log_config=None,  # the server's own logging set-up stays
             access_log=False,
             server_header=False,
+            ssl_context_factory=(
+                None if ssl_context is None else lambda _config, _default: ssl_context
+            ),
         )
         self._server = _InLoopServer(self._config)
         self._sockets: list[socket.socket] = []

@@ -15,8 +15,9 @@ from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.protocol.guard import CallGate, guarded_service_handler
 from llm_stream.protocol.health import HealthState
 from llm_stream.protocol.servicer import InferenceServicer
-from llm_stream.protocol.tls import TLSFiles, server_credentials
+from llm_stream.protocol.tls import server_credentials
 from llm_stream.settings import Settings
+from llm_stream.tls_files import TLSFiles
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
@@ -90,9 +91,8 @@ def build_health_server(health_state: HealthState) -> grpc.aio.Server:
     return server
 
 
-def bind(server: grpc.aio.Server, address: str, settings: Settings) -> int:
-    """Bind ``address`` with TLS when the settings name certificates; returns the port."""
-    if settings.tls_cert is None or settings.tls_key is None:
+def bind(server: grpc.aio.Server, address: str, files: TLSFiles | None) -> int:
+    """Bind ``address``, with TLS when given certificate files; returns the port."""
+    if files is None:
         return int(server.add_insecure_port(address))
-    files = TLSFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return int(server.add_secure_port(address, server_credentials(files)))
