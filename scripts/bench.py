@@ -421,6 +421,9 @@ def server(model: str, extra: Sequence[str]) -> Iterator[tuple[str, subprocess.P
         model,
         "--log-level",
         "WARNING",
+        # gRPC only: a busy default HTTP port (8000) must not stop the benchmark.
+        "--http-port",
+        "0",
         *extra,
     ]
     note("starting " + shlex.join(command[1:]))
