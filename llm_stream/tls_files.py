@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,26 +61,57 @@ def _stamp(files: TLSFiles) -> tuple[tuple[int, int, int], ...]:
     return tuple(stamps)
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_password() -> str:
+    # Called by OpenSSL only for an encrypted key; without it OpenSSL would prompt
+    # on the terminal, blocking start-up (or a handshake thread on reload).
+    raise _EncryptedKey
+
+
+def load_into(context: ssl.SSLContext, certificates: CertificateSet) -> None:
+    """Load exactly these bytes (not whatever the paths hold by now) into ``context``.
+
+    ``load_cert_chain`` reads files, so the bytes go through a private temporary
+    folder. Raises ssl.SSLError or _EncryptedKey when they are not usable."""
+    with tempfile.TemporaryDirectory(prefix="llm-stream-tls-") as folder:
+        cert, key = Path(folder) / "tls.crt", Path(folder) / "tls.key"
+        key.touch(mode=0o600)
+        key.write_bytes(certificates.key)
+        cert.write_bytes(certificates.cert)
+        context.load_cert_chain(cert, key, password=_refuse_password)
+    if certificates.client_ca is not None:
+        context.load_verify_locations(cadata=certificates.client_ca.decode("ascii", "replace"))
+
+
 def read_certificates(files: TLSFiles) -> CertificateSet:
-    """Read and check the files; raises TLSConfigError saying what is wrong."""
+    """Read the files once and check those bytes; raises TLSConfigError saying what is wrong."""
     try:
         stamp = _stamp(files)
         cert, key = files.cert.read_bytes(), files.key.read_bytes()
         client_ca = files.client_ca.read_bytes() if files.client_ca else None
     except OSError as exc:
         raise TLSConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    certificates = CertificateSet(cert, key, None, stamp)
     try:
         # The stdlib's OpenSSL checks that the key belongs to the certificate.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert, files.key)
+        load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), certificates)
+    except _EncryptedKey:
+        raise TLSConfigError(
+            f"--tls-key {files.key} is encrypted; give the server an unencrypted PEM key "
+            "(as cert-manager writes it)"
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         raise TLSConfigError(
             f"--tls-cert {files.cert} and --tls-key {files.key} are not a PEM certificate "
             f"and its private key ({exc})"
         ) from None
-    if files.client_ca is not None:
+    if files.client_ca is not None and client_ca is not None:
         try:
-            ssl.create_default_context(cafile=files.client_ca)
-        except (ssl.SSLError, OSError) as exc:
+            ssl.create_default_context(cadata=client_ca.decode("ascii"))
+        except (ssl.SSLError, ValueError) as exc:
             raise TLSConfigError(
                 f"--tls-client-ca {files.client_ca} is not a PEM CA bundle ({exc})"
             ) from None
@@ -95,21 +127,31 @@ class CertificateWatcher:
         self._lock = threading.Lock()
         self.current = read_certificates(files)  # unusable files at start are fatal
         self.reloads = 0
+        # The files as they were when last found unusable: not read (or logged) again.
+        self._refused_stamp: tuple[tuple[int, int, int], ...] | None = None
+        self._last_error: str | None = None
 
     def changed(self) -> CertificateSet | None:
         """The new set when the files changed to usable ones since the last call, else None."""
         with self._lock:
+            stamp = None
             try:
-                if _stamp(self.files) == self.current.stamp:
+                stamp = _stamp(self.files)
+                if stamp in (self.current.stamp, self._refused_stamp):
                     return None
                 fresh = read_certificates(self.files)
             except (TLSConfigError, OSError) as exc:
-                log.error(
-                    "TLS files changed but cannot be used; keeping the last ones for the %s: %s",
-                    self._name,
-                    exc,
-                )
+                self._refused_stamp = stamp
+                if str(exc) != self._last_error:  # once per problem, not per handshake
+                    self._last_error = str(exc)
+                    log.error(
+                        "TLS files changed but cannot be used; keeping the last ones for the "
+                        "%s: %s",
+                        self._name,
+                        exc,
+                    )
                 return None
+            self._last_error = None
             if fresh.same_contents(self.current):
                 self.current = fresh  # touched, not changed
                 return None

@@ -385,3 +385,20 @@ async def test_undecodable_health_requests_are_invalid_argument(
         raised.value, grpc.StatusCode.INVALID_ARGUMENT, "grpc.health.v1.HealthCheckRequest"
     )
     assert "<class" not in (raised.value.details() or "")
+
+
+async def test_undecodable_reflection_requests_are_invalid_argument(
+    tiny_server: RunningServer,
+) -> None:
+    call = tiny_server.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    )(iter([b"\x0a\x05ab"]), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert_clear(
+        raised.value,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "grpc.reflection.v1alpha.ServerReflectionRequest",
+    )
+    assert "<class" not in (raised.value.details() or "")

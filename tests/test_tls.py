@@ -9,11 +9,13 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from pathlib import Path
 
 import grpc
 import httpx2 as httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_stream.app import LLMStreamServer
@@ -161,8 +163,39 @@ async def test_rotated_certificates_are_served_without_a_restart(
         # A broken pair (a key that does not match) is refused; the last good one stays.
         with caplog.at_level(logging.ERROR, logger="llm_stream.tls_files"):
             key.write_bytes(ca.issue_server("mismatch").key_pem)
-            assert await predict_over(port, new_trust)
-        assert "keeping the last ones" in caplog.text
+            for _ in range(3):  # three handshakes: one log line, not one per handshake
+                assert await predict_over(port, new_trust)
+        assert caplog.text.count("keeping the last ones") == 1
+
+
+async def test_a_secret_volume_swap_is_picked_up(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """The kubelet's layout: tls.crt -> ..data/tls.crt, ..data -> a timestamped folder,
+    and an update renames a new ..data symlink over the old one."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+
+    def publish(issued: Issued, version: str) -> None:
+        folder = volume / version
+        folder.mkdir()
+        (folder / "tls.crt").write_bytes(issued.cert_pem)
+        (folder / "tls.key").write_bytes(issued.key_pem)
+        (volume / "..data_tmp").symlink_to(version)
+        os.replace(volume / "..data_tmp", volume / "..data")
+
+    publish(ca.issue_server(), "..2026_11_25_1")
+    for name in ("tls.crt", "tls.key"):
+        (volume / name).symlink_to(f"..data/{name}")
+    settings = tiny_settings(
+        tiny_model_dir, cache_dir, tls_cert=volume / "tls.crt", tls_key=volume / "tls.key"
+    )
+    old_trust = channel_credentials(ca.cert)
+    async with running_server(settings, credentials=old_trust) as running:
+        assert await predict_over(running.server.port, old_trust)
+        new_ca = CertificateAuthority(tmp_path / "new-ca", name="renewed CA")
+        publish(new_ca.issue_server(), "..2026_11_25_2")
+        assert await predict_over(running.server.port, channel_credentials(new_ca.cert))
 
 
 async def test_health_port_serves_only_health_in_plaintext(
@@ -200,7 +233,12 @@ async def test_health_port_serves_only_health_in_plaintext(
 
 @pytest.mark.parametrize(
     ("which", "fragment"),
-    [("cert", "--tls-cert"), ("key", "cannot read"), ("ca", "--tls-client-ca")],
+    [
+        ("cert", "--tls-cert"),
+        ("key", "cannot read"),
+        ("ca", "--tls-client-ca"),
+        ("encrypted", "is encrypted"),
+    ],
 )
 async def test_unusable_tls_files_stop_the_start_with_a_clear_error(
     tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority, which: str, fragment: str
@@ -213,6 +251,17 @@ async def test_unusable_tls_files_stop_the_start_with_a_clear_error(
         files["cert"] = garbage
     elif which == "key":
         files["key"] = ca.folder / "missing.key"
+    elif which == "encrypted":
+        # A passphrase-protected key must fail at once, never prompt on the terminal.
+        key = serialization.load_pem_private_key(server_cert.key_pem, password=None)
+        files["key"] = ca.folder / "encrypted.key"
+        files["key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
     else:
         files["ca"] = garbage
     settings = tiny_settings(
@@ -246,9 +295,19 @@ async def test_cli_speaks_mtls(
         code, out, err = await run_cli((*target, *mtls, "--raw", "Hello"), {})
         assert code == 0, err
         assert "finish=" in err
-        # Without a client certificate the handshake fails: a readable one-line error.
-        code, out, err = await run_cli((*target, *tls, "--wait", "2", "Hello"), {})
+        # Without a client certificate the handshake fails: a readable one-line error at
+        # once, not after the whole --wait.
+        started = time.monotonic()
+        code, out, err = await run_cli((*target, *tls, "--wait", "60", "Hello"), {})
         assert code == 1 and out == "" and "Traceback" not in err
+        assert "TLS mismatch" in err and "--client-cert" in err, err
+        assert time.monotonic() - started < 30
+        # Plaintext against the TLS port, and TLS trusting another CA: the same.
+        other = CertificateAuthority(ca.folder.parent / "other", name="other CA")
+        for security, says in (((), "TLS mismatch"), (("--ca-cert", str(other.cert)), "over TLS")):
+            code, _, err = await run_cli((*target, *security, "--wait", "60", "Hello"), {})
+            assert code == 1 and "Traceback" not in err and says in err, err
+        assert time.monotonic() - started < 60
         code, _, err = await run_cli((*target, "--client-cert", str(client_cert.cert), "x"), {})
         assert code == 2 and "--client-key" in err
 

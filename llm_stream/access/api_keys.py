@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -28,10 +28,17 @@ def key_id(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+# A comment starts a line, or follows whitespace: a "#" inside a key is part of it.
+_COMMENT = re.compile(r"(?:^|\s)#.*")
+# Shorter keys are accepted but logged: they can be guessed, and a key id (a short
+# unsalted hash) would let anyone who reads the log check guesses offline.
+MIN_KEY_LENGTH = 16
+
+
 def parse_keys(text: str) -> list[str]:
     keys = []
     for line in text.splitlines():
-        key = line.split("#", 1)[0].strip()
+        key = _COMMENT.sub("", line).strip()
         if key:
             keys.append(key)
     return keys
@@ -40,7 +47,7 @@ def parse_keys(text: str) -> list[str]:
 @dataclass(frozen=True)
 class _Loaded:
     digests: tuple[tuple[bytes, str], ...]  # (sha256 of the key, its id)
-    stamp: tuple[int, int, int] | None  # what the file looked like when read
+    content: bytes  # sha256 of the file as read
 
 
 class ApiKeyStore:
@@ -56,18 +63,24 @@ class ApiKeyStore:
         else:
             log.info("API keys: %d loaded from %s", len(self._loaded.digests), path)
 
-    def _stamp(self) -> tuple[int, int, int]:
-        # stat() follows the symlinks Kubernetes swaps when a Secret changes.
-        status = os.stat(self.path)
-        return (status.st_mtime_ns, status.st_size, status.st_ino)
-
     def _read(self) -> _Loaded:
-        stamp = self._stamp()
-        keys = parse_keys(self.path.read_text(encoding="utf-8"))
+        """The file's keys; its whole contents are compared, not its mtime, since a
+        rewrite within one timestamp tick would otherwise go unseen. (The file is
+        read through the symlinks Kubernetes swaps when a Secret changes.)"""
+        data = self.path.read_bytes()
+        content = hashlib.sha256(data).digest()
+        keys = parse_keys(data.decode("utf-8"))
+        short = sorted({key_id(k) for k in keys if len(k) < MIN_KEY_LENGTH})
+        if short:
+            log.warning(
+                "API keys shorter than %d characters can be guessed: %s",
+                MIN_KEY_LENGTH,
+                ", ".join(short),
+            )
         digests = tuple(
             (hashlib.sha256(k.encode()).digest(), key_id(k)) for k in dict.fromkeys(keys)
         )
-        return _Loaded(digests, stamp)
+        return _Loaded(digests, content)
 
     def _refresh(self) -> None:
         now = time.monotonic()
@@ -78,7 +91,7 @@ class ApiKeyStore:
                 return
             self._next_check = now + RELOAD_CHECK_INTERVAL_S
             try:
-                if self._stamp() == self._loaded.stamp:
+                if hashlib.sha256(self.path.read_bytes()).digest() == self._loaded.content:
                     return
                 loaded = self._read()
             except (OSError, UnicodeDecodeError) as exc:

@@ -10,6 +10,7 @@ balanced per request with round_robin. TLS, mTLS and an API key are options.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -24,6 +25,8 @@ from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
+# What gRPC's UNAVAILABLE details say when the TLS handshake, not the network, failed.
+HANDSHAKE_FAILURE_SIGNS = ("handshake", "ssl", "certificate", "tsi_")
 INFERENCE_SERVICE = "inference.v1.InferenceService"
 
 SERVICE_CONFIG = {
@@ -125,6 +128,15 @@ def make_request(
     return request
 
 
+def _checked_key(api_key: str) -> str:
+    """The key without the newline a file or Secret often ends with; gRPC metadata
+    takes printable ASCII only, so anything else is a clear error here."""
+    key = api_key.strip()
+    if not key or not key.isascii() or not key.isprintable():
+        raise ValueError("the API key must be printable ASCII (check for stray characters)")
+    return key
+
+
 def _pem(source: bytes | str | Path | None) -> bytes | None:
     """PEM bytes as given, or read from a path."""
     if source is None or isinstance(source, bytes):
@@ -193,7 +205,7 @@ class InferenceClient:
         # Sent as call metadata rather than call credentials, which gRPC refuses to
         # send over plaintext: a local server with keys and no TLS works too.
         self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+            (("authorization", f"Bearer {_checked_key(api_key)}"),) if api_key else ()
         )
         self._stub = pb_grpc.InferenceServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -213,8 +225,26 @@ class InferenceClient:
         await self.channel.close()
 
     async def wait_ready(self, timeout: float = 120.0, service: str = INFERENCE_SERVICE) -> None:
-        """Wait until health reports SERVING (the model is loaded and warmed up)."""
+        """Wait until health reports SERVING (the model is loaded and warmed up).
+
+        A server that is still starting is waited for; one whose TLS handshake fails
+        (wrong CA, no client certificate, plaintext against TLS) will not get better,
+        so that raises ConnectionError at once, with gRPC's reason."""
         request = health_pb2.HealthCheckRequest(service=service)
+        waiting = asyncio.create_task(self._until_serving(request, timeout))
+        prober = asyncio.create_task(self._handshake_failure(request))
+        try:
+            done, _ = await asyncio.wait({waiting, prober}, return_when=asyncio.FIRST_COMPLETED)
+            if waiting in done:
+                waiting.result()
+                return
+            raise prober.result()
+        finally:
+            for task in (waiting, prober):
+                task.cancel()
+            await asyncio.gather(waiting, prober, return_exceptions=True)
+
+    async def _until_serving(self, request: health_pb2.HealthCheckRequest, timeout: float) -> None:
         watch = self._health.Watch(request, timeout=timeout, wait_for_ready=True)
         try:
             async for response in watch:
@@ -229,6 +259,31 @@ class InferenceClient:
         finally:
             watch.cancel()
         raise ConnectionError(f"{self.target} ended the health watch: it is shutting down")
+
+    async def _handshake_failure(self, request: health_pb2.HealthCheckRequest) -> ConnectionError:
+        """Once a second, an immediate Check, until the connection's set-up fails in a way
+        waiting will not fix: a failed TLS handshake, or a connection the server keeps
+        closing as soon as it opens (TLS against plaintext or the reverse, or mTLS
+        without a client certificate). A refused connection is a server still starting."""
+        closed_in_a_row = 0
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._health.Check(request, timeout=5)
+                closed_in_a_row = 0
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    continue
+                if any(sign in details.lower() for sign in HANDSHAKE_FAILURE_SIGNS):
+                    return ConnectionError(f"cannot reach {self.target} over TLS: {details}")
+                closed_in_a_row = closed_in_a_row + 1 if "socket closed" in details.lower() else 0
+                if closed_in_a_row >= 2:
+                    return ConnectionError(
+                        f"{self.target} closes every connection as it opens: a TLS mismatch? "
+                        "(--tls or --ca-cert for a TLS server, --client-cert/--client-key when "
+                        f"it requires client certificates): {details}"
+                    )
 
     async def predict(
         self, prompt: str | Conversation, *, timeout: float | None = None, **options: Any

@@ -88,6 +88,8 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Infere
         )
     except OSError as exc:
         parser.error(f"cannot read {exc.filename}: {exc.strerror}")
+    except ValueError as exc:  # a target or key that cannot be used
+        parser.error(str(exc))
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,27 +11,12 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import tempfile
-from pathlib import Path
 
-from llm_stream.tls_files import CertificateSet, CertificateWatcher, TLSFiles
+from llm_stream.tls_files import CertificateWatcher, TLSFiles, load_into
 
 log = logging.getLogger(__name__)
 
 RELOAD_CHECK_INTERVAL_S = 2.0
-
-
-def _load(context: ssl.SSLContext, certificates: CertificateSet) -> None:
-    """Load a set into ``context``. ``load_cert_chain`` wants files, and the checked
-    contents (not the paths, which may have changed again since) are what is loaded."""
-    with tempfile.TemporaryDirectory(prefix="llm-stream-tls-") as folder:
-        cert, key = Path(folder) / "tls.crt", Path(folder) / "tls.key"
-        key.touch(mode=0o600)
-        key.write_bytes(certificates.key)
-        cert.write_bytes(certificates.cert)
-        context.load_cert_chain(cert, key)
-    if certificates.client_ca is not None:
-        context.load_verify_locations(cadata=certificates.client_ca.decode("ascii", "replace"))
 
 
 class ReloadingSSLContext:
@@ -43,14 +28,14 @@ class ReloadingSSLContext:
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         if files.client_ca is not None:
             self.context.verify_mode = ssl.CERT_REQUIRED
-        _load(self.context, self._watcher.current)
+        load_into(self.context, self._watcher.current)
         self._task: asyncio.Task[None] | None = None
 
     def reload_if_changed(self) -> bool:
         fresh = self._watcher.changed()
         if fresh is None:
             return False
-        _load(self.context, fresh)
+        load_into(self.context, fresh)
         return True
 
     def start(self) -> None:

@@ -85,24 +85,31 @@ class CallGate:
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
     ) -> NoReturn:
         self._on_rejected(code.name)
-        log.info("request rejected: %s %s", code.name, message)
+        # The peer, so that repeated refusals (a key being guessed) can be traced.
+        log.info("request from %s rejected: %s %s", context.peer(), code.name, message)
         await abort_with(context, code, message, self._pushback_ms)
 
+    async def reject_undecodable(
+        self, request: Undecodable, context: grpc.aio.ServicerContext
+    ) -> NoReturn:
+        await self._reject(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {request.type_name} (malformed protobuf, or a "
+            f"string field that is not UTF-8); send a {request.type_name} message",
+        )
+
     async def admit(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[str, int]:
-        """The caller's key id and the generations it now holds; aborts the call if refused."""
-        if isinstance(request, Undecodable):
-            await self._reject(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a valid {request.type_name} (malformed protobuf, or a "
-                f"string field that is not UTF-8); encode an {request.type_name} with the "
-                "inference.v1 proto",
-            )
-        units = generations_held(request)
+        """The caller's key id and the generations it now holds; aborts the call if refused.
+
+        The key comes first: a caller without one learns nothing about its request."""
+        units = 0 if isinstance(request, Undecodable) else generations_held(request)
         try:
             authorization = dict(context.invocation_metadata() or ()).get("authorization")
             key = self.access.authenticate(None if authorization is None else str(authorization))
             key_id_var.set(key)
+            if isinstance(request, Undecodable):
+                await self.reject_undecodable(request, context)
             self.access.acquire(key, units)
         except LLMStreamError as exc:
             code, message = status_for(exc, "")
@@ -131,23 +138,26 @@ StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Messag
 
 def _guard_unary(gate: CallGate, behaviour: UnaryBehaviour) -> UnaryBehaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Message | None:
-        key, units = await gate.admit(request, context)
+        admitted: tuple[str, int] | None = None
         try:
+            admitted = await gate.admit(request, context)
             return await behaviour(request, context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             await _internal(context, exc)
         finally:
-            gate.release(key, units)
+            if admitted is not None:
+                gate.release(*admitted)
 
     return call
 
 
 def _guard_stream(gate: CallGate, behaviour: StreamBehaviour) -> StreamBehaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
-        key, units = await gate.admit(request, context)
+        admitted: tuple[str, int] | None = None
         try:
+            admitted = await gate.admit(request, context)
             async with aclosing(behaviour(request, context)) as replies:  # type: ignore[type-var]
                 async for reply in replies:
                     yield reply
@@ -156,7 +166,36 @@ def _guard_stream(gate: CallGate, behaviour: StreamBehaviour) -> StreamBehaviour
         except Exception as exc:
             await _internal(context, exc)
         finally:
-            gate.release(key, units)
+            if admitted is not None:
+                gate.release(*admitted)
+
+    return call
+
+
+BidiBehaviour = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Message]]
+
+
+def _guard_bidi(gate: CallGate, behaviour: BidiBehaviour) -> BidiBehaviour:
+    """A stream of requests (reflection's): each is checked as it arrives."""
+
+    async def call(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Message]:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    await gate.reject_undecodable(request, context)
+                yield request
+
+        try:
+            await gate.admit(None, context)
+            async with aclosing(behaviour(checked(), context)) as replies:  # type: ignore[type-var]
+                async for reply in replies:
+                    yield reply
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _internal(context, exc)
 
     return call
 
@@ -168,16 +207,19 @@ def guarded_service_handler(
     messages: ModuleType = pb,
 ) -> grpc.GenericRpcHandler:
     """``service``'s methods on ``servicer`` (message classes from ``messages``),
-    each behind ``gate``. A streaming method may be an async generator, or a
-    coroutine that writes with ``context.write`` (as grpc's health servicer does)."""
+    each behind ``gate``. A server-streaming method may be an async generator, or a
+    coroutine that writes with ``context.write`` (as grpc's health servicer does);
+    a bidirectional one (reflection's) gets each request checked as it arrives."""
     handlers = {}
     for method in service.methods:
         request_class = getattr(messages, method.input_type.name)
         response_class = getattr(messages, method.output_type.name)
         behaviour = getattr(servicer, method.name)
-        assert not method.client_streaming, f"{method.full_name} must take one request"
         wrapped: Any
-        if method.server_streaming and inspect.isasyncgenfunction(behaviour):
+        if method.client_streaming:
+            assert method.server_streaming, f"{method.full_name}: client streaming only"
+            wrapped, make = _guard_bidi(gate, behaviour), grpc.stream_stream_rpc_method_handler
+        elif method.server_streaming and inspect.isasyncgenfunction(behaviour):
             wrapped, make = _guard_stream(gate, behaviour), grpc.unary_stream_rpc_method_handler
         elif method.server_streaming:
             wrapped, make = _guard_unary(gate, behaviour), grpc.unary_stream_rpc_method_handler

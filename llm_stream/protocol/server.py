@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llm_stream.access import AccessControl
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
@@ -21,6 +21,7 @@ from llm_stream.tls_files import TLSFiles
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+REFLECTION_SERVICE = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -71,8 +72,16 @@ def build_grpc_server(
         (guarded_service_handler(servicer, gate), health_handler(health_state))
     )
     if settings.reflection:
-        reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        names = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        server.add_generic_rpc_handlers(
+            (
+                guarded_service_handler(
+                    reflection.aio.ReflectionServicer(names),
+                    CallGate(AccessControl()),
+                    REFLECTION_SERVICE,
+                    reflection_pb2,
+                ),
+            )
         )
     return server
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import NoReturn
 
 import grpc
@@ -48,6 +49,12 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
     )
 
 
+def jittered(pushback_ms: int) -> int:
+    """``pushback_ms`` ± half: gRPC clients wait the pushback exactly, so clients turned
+    away together would otherwise all come back in the same instant."""
+    return max(1, round(pushback_ms * random.uniform(0.5, 1.5)))
+
+
 def bounded_message(message: str) -> str:
     """``message``, cut to MAX_MESSAGE_LENGTH characters (ending in "...") when longer."""
     if len(message) <= MAX_MESSAGE_LENGTH:
@@ -58,8 +65,9 @@ def bounded_message(message: str) -> str:
 async def abort_with(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, pushback_ms: int
 ) -> NoReturn:
-    """End the call with ``code``; a RESOURCE_EXHAUSTED tells the client when to retry."""
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(pushback_ms)),))
+    """End the call with ``code``; a RESOURCE_EXHAUSTED tells the client when to retry
+    (``pushback_ms`` 0: no advice, the client's own backoff applies)."""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and pushback_ms > 0:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(jittered(pushback_ms))),))
     await context.abort(code, bounded_message(message))
     raise AssertionError("context.abort returned")  # pragma: no cover
