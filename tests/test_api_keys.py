@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tests.conftest import (
     running_server,
     tiny_settings,
 )
+from tests.test_client import run_client
 from tests.test_errors import assert_clear, wait_in_flight
 from tests.wrapped_backend import slow_models
 
@@ -257,24 +257,8 @@ async def test_cli_sends_the_api_key_from_the_environment(
     settings = tiny_settings(tiny_model_dir, cache_dir, api_keys_file=keys_file)
     async with running_server(settings) as running:
         args = ("--target", running.target, "--max-tokens", "3", "--raw", "Hello")
-        code, _, err = await run_cli(args, {"LLM_STREAM_API_KEY": ALICE})
+        code, _, err = await run_client(*args, env={"LLM_STREAM_API_KEY": ALICE})
         assert code == 0, err
-        code, _, err = await run_cli(args, {})
+        code, _, err = await run_client(*args)
         assert code == 1 and "UNAUTHENTICATED" in err and "--api-key" in err
         assert "Traceback" not in err
-
-
-async def run_cli(args: tuple[str, ...], env: dict[str, str]) -> tuple[int, str, str]:
-    base = {k: v for k, v in os.environ.items() if k != "LLM_STREAM_API_KEY"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "llm_stream.client",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**base, **env},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 120)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()

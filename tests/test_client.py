@@ -130,7 +130,10 @@ def test_channel_target_rejects(targets: str | list[str], fragment: str) -> None
 # -- the CLI ---------------------------------------------------------------------
 
 
-async def run_client(*args: str) -> tuple[int, str, str]:
+async def run_client(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``python -m llm_stream.client ARGS``; ``env`` replaces LLM_STREAM_API_KEY and
+    adds variables (the caller's own key never leaks in)."""
+    base = {k: v for k, v in os.environ.items() if k != "LLM_STREAM_API_KEY"}
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -138,7 +141,7 @@ async def run_client(*args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        env={**base, "PYTHONIOENCODING": "utf-8", **(env or {})},
     )
     out, err = await asyncio.wait_for(process.communicate(), HANG_GUARD_S)
     assert process.returncode is not None

@@ -29,7 +29,7 @@ from tests.conftest import (
     running_server,
     tiny_settings,
 )
-from tests.test_api_keys import run_cli
+from tests.test_client import run_client
 
 HEALTH = health_pb2.HealthCheckRequest(service="inference.v1.InferenceService")
 
@@ -292,23 +292,23 @@ async def test_cli_speaks_mtls(
         target = ("--target", f"localhost:{running.server.port}", "--max-tokens", "3")
         tls = ("--ca-cert", str(ca.cert))
         mtls = (*tls, "--client-cert", str(client_cert.cert), "--client-key", str(client_cert.key))
-        code, out, err = await run_cli((*target, *mtls, "--raw", "Hello"), {})
+        code, out, err = await run_client(*target, *mtls, "--raw", "Hello")
         assert code == 0, err
         assert "finish=" in err
         # Without a client certificate the handshake fails: a readable one-line error at
         # once, not after the whole --wait.
         started = time.monotonic()
-        code, out, err = await run_cli((*target, *tls, "--wait", "60", "Hello"), {})
+        code, out, err = await run_client(*target, *tls, "--wait", "60", "Hello")
         assert code == 1 and out == "" and "Traceback" not in err
         assert "TLS mismatch" in err and "--client-cert" in err, err
         assert time.monotonic() - started < 30
         # Plaintext against the TLS port, and TLS trusting another CA: the same.
         other = CertificateAuthority(ca.folder.parent / "other", name="other CA")
         for security, says in (((), "TLS mismatch"), (("--ca-cert", str(other.cert)), "over TLS")):
-            code, _, err = await run_cli((*target, *security, "--wait", "60", "Hello"), {})
+            code, _, err = await run_client(*target, *security, "--wait", "60", "Hello")
             assert code == 1 and "Traceback" not in err and says in err, err
         assert time.monotonic() - started < 60
-        code, _, err = await run_cli((*target, "--client-cert", str(client_cert.cert), "x"), {})
+        code, _, err = await run_client(*target, "--client-cert", str(client_cert.cert), "x")
         assert code == 2 and "--client-key" in err
 
 

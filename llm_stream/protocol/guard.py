@@ -20,7 +20,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
@@ -136,38 +136,42 @@ UnaryBehaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | N
 StreamBehaviour = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Message]]
 
 
+@asynccontextmanager
+async def _guarded(
+    gate: CallGate, request: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[None]:
+    """Admission, then the call; what it holds is released however it ends, and an
+    unexpected exception becomes INTERNAL with a request id."""
+    admitted: tuple[str, int] | None = None
+    try:
+        admitted = await gate.admit(request, context)
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await _internal(context, exc)
+    finally:
+        if admitted is not None:
+            gate.release(*admitted)
+
+
 def _guard_unary(gate: CallGate, behaviour: UnaryBehaviour) -> UnaryBehaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Message | None:
-        admitted: tuple[str, int] | None = None
-        try:
-            admitted = await gate.admit(request, context)
+        async with _guarded(gate, request, context):
             return await behaviour(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _internal(context, exc)
-        finally:
-            if admitted is not None:
-                gate.release(*admitted)
+        raise AssertionError("unreachable: _guarded re-raises or aborts")  # pragma: no cover
 
     return call
 
 
 def _guard_stream(gate: CallGate, behaviour: StreamBehaviour) -> StreamBehaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
-        admitted: tuple[str, int] | None = None
-        try:
-            admitted = await gate.admit(request, context)
-            async with aclosing(behaviour(request, context)) as replies:  # type: ignore[type-var]
-                async for reply in replies:
-                    yield reply
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _internal(context, exc)
-        finally:
-            if admitted is not None:
-                gate.release(*admitted)
+        async with (
+            _guarded(gate, request, context),
+            aclosing(behaviour(request, context)) as replies,  # type: ignore[type-var]
+        ):
+            async for reply in replies:
+                yield reply
 
     return call
 
@@ -187,15 +191,12 @@ def _guard_bidi(gate: CallGate, behaviour: BidiBehaviour) -> BidiBehaviour:
                     await gate.reject_undecodable(request, context)
                 yield request
 
-        try:
-            await gate.admit(None, context)
-            async with aclosing(behaviour(checked(), context)) as replies:  # type: ignore[type-var]
-                async for reply in replies:
-                    yield reply
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _internal(context, exc)
+        async with (
+            _guarded(gate, None, context),
+            aclosing(behaviour(checked(), context)) as replies,  # type: ignore[type-var]
+        ):
+            async for reply in replies:
+                yield reply
 
     return call
 
