@@ -366,3 +366,57 @@ async def test_http_port_serves_https_with_the_same_certificates(
                     await asyncio.sleep(0.25)
 
         await asyncio.wait_for(served_by_new_ca(), 15)
+
+
+async def test_a_rotated_client_ca_replaces_the_old_one_on_both_ports(
+    tiny_model_dir: Path, cache_dir: Path, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """After the client CA file changes, certificates of the old CA are refused (the old
+    CA is not kept beside the new one) on the gRPC port and the HTTPS port alike."""
+    server_cert = ca.issue_server()
+    client_ca = tmp_path / "client-ca.crt"
+    old_ca = CertificateAuthority(tmp_path / "old-client-ca", name="old client CA")
+    new_ca = CertificateAuthority(tmp_path / "new-client-ca", name="new client CA")
+    old_client, new_client = old_ca.issue_client("old"), new_ca.issue_client("new")
+    client_ca.write_bytes(old_ca.cert_pem)
+    settings = tiny_settings(
+        tiny_model_dir,
+        cache_dir,
+        tls_cert=server_cert.cert,
+        tls_key=server_cert.key,
+        tls_client_ca=client_ca,
+        http_port=free_port(),
+    )
+
+    def grpc_credentials(issued: Issued) -> grpc.ChannelCredentials:
+        return channel_credentials(ca.cert, issued.cert, issued.key)
+
+    async def https_status(issued: Issued) -> int | None:
+        context = ssl.create_default_context(cafile=ca.cert)
+        context.load_cert_chain(issued.cert, issued.key)
+        url = f"https://localhost:{running.server.http_port}/v1/models"
+        try:
+            async with httpx.AsyncClient(verify=context, timeout=10) as http:
+                return (await http.get(url)).status_code
+        except httpx.HTTPError:
+            return None
+
+    async with running_server(settings, credentials=grpc_credentials(old_client)) as running:
+        port = running.server.port
+        assert await predict_over(port, grpc_credentials(old_client))
+        assert await https_status(old_client) == 200
+
+        staging = client_ca.with_suffix(".new")
+        staging.write_bytes(new_ca.cert_pem)
+        os.replace(staging, client_ca)
+
+        assert await predict_over(port, grpc_credentials(new_client))
+        error = await refused(port, grpc_credentials(old_client))
+        assert error.code() is grpc.StatusCode.UNAVAILABLE
+
+        async def https_takes_the_new_ca() -> None:
+            while await https_status(new_client) != 200:  # noqa: ASYNC110
+                await asyncio.sleep(0.25)
+
+        await asyncio.wait_for(https_takes_the_new_ca(), 15)
+        assert await https_status(old_client) is None

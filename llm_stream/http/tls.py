@@ -1,8 +1,11 @@
 """HTTPS for the HTTP port with the same certificate files as the gRPC port.
 
-Python's ``ssl`` has no per-handshake hook to ask for a new certificate, so a
-task looks at the files every few seconds and loads a changed, usable set into
-the one ``SSLContext`` that uvicorn serves with: new connections then get it.
+uvicorn serves with one ``SSLContext`` whose ``sni_callback`` (which OpenSSL runs
+on every handshake, with or without SNI) hands each new connection the current
+context. A task looks at the files every few seconds and, when they changed to a
+usable set, builds a fresh context on a worker thread and swaps it in with one
+assignment: a live context is never modified, and a rotated client CA replaces
+the old one instead of being added beside it.
 """
 
 from __future__ import annotations
@@ -12,30 +15,45 @@ import contextlib
 import logging
 import ssl
 
-from llm_stream.tls_files import CertificateWatcher, TLSFiles, load_into
+from llm_stream.tls_files import CertificateSet, CertificateWatcher, TLSFiles, load_into
 
 log = logging.getLogger(__name__)
 
 RELOAD_CHECK_INTERVAL_S = 2.0
 
 
+def server_context(
+    certificates: CertificateSet, require_client_certificate: bool
+) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if require_client_certificate:
+        context.verify_mode = ssl.CERT_REQUIRED
+    load_into(context, certificates)
+    return context
+
+
 class ReloadingSSLContext:
-    """A server SSLContext (mTLS when the files have a client CA) kept up to date."""
+    """``context`` is what uvicorn serves with; each handshake gets the current set."""
 
     def __init__(self, files: TLSFiles) -> None:
         self._watcher = CertificateWatcher(files, "HTTP port")
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if files.client_ca is not None:
-            self.context.verify_mode = ssl.CERT_REQUIRED
-        load_into(self.context, self._watcher.current)
+        self._mtls = files.client_ca is not None
+        self._current = server_context(self._watcher.current, self._mtls)
+        self.context = server_context(self._watcher.current, self._mtls)
+        self.context.sni_callback = self._hand_over
         self._task: asyncio.Task[None] | None = None
+
+    def _hand_over(
+        self, connection: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext
+    ) -> None:
+        connection.context = self._current
 
     def reload_if_changed(self) -> bool:
         fresh = self._watcher.changed()
         if fresh is None:
             return False
-        load_into(self.context, fresh)
+        self._current = server_context(fresh, self._mtls)
         return True
 
     def start(self) -> None:
