@@ -21,7 +21,7 @@ from llm_stream.access.api_keys import ApiKeyStore
 from llm_stream.engine.engine import Engine, EngineState
 from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
-from llm_stream.http.app import OpenAIApi
+from llm_stream.http.app import HTTP_MAX_BODY_BYTES, OpenAIApi
 from llm_stream.http.server import HttpServer
 from llm_stream.http.tls import ReloadingSSLContext
 from llm_stream.metrics import ServerMetrics
@@ -109,7 +109,7 @@ class LLMStreamServer:
             RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
             on_rejected=self.metrics.rejected,
             retry_after_s=settings.retry_pushback_s,
-            max_body_bytes=settings.max_message_bytes,
+            max_body_bytes=min(settings.max_message_bytes, HTTP_MAX_BODY_BYTES),
         )
         self._http: HttpServer | None = None
         self._https: ReloadingSSLContext | None = None

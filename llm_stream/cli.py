@@ -91,7 +91,11 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--default-max-tokens", _positive_int, "max_tokens when a request sends 0"),
     ("--max-tokens-cap", _positive_int, "largest max_tokens a request may ask for"),
     ("--drain-grace", _non_negative_float, "seconds in-flight RPCs get to finish on SIGTERM"),
-    ("--max-message-mb", _mebibytes, "send/receive message limit in MiB"),
+    (
+        "--max-message-mb",
+        _mebibytes,
+        "gRPC send/receive message limit in MiB (HTTP request bodies: 2 at most)",
+    ),
     ("--keepalive-time", _non_negative_float, "seconds between server keepalive pings"),
     ("--keepalive-timeout", _non_negative_float, "seconds to wait for a ping ack"),
     (

@@ -4,7 +4,7 @@ Debian's ``chromium`` (``scripts/install_browser.sh``) driven by playwright, aga
 real server on the tiny model, slowed so that answers visibly stream and Stop lands
 mid-answer. Only the markdown-injection check fakes the model's answer (with
 ``page.route``): the tiny model cannot be made to write HTML on purpose.
-Each test leaves a screenshot of the page in its pytest tmp folder.
+Each test leaves a screenshot of the page in its pytest tmp folder, failing ones too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,8 +81,9 @@ def page_url(running: RunningServer) -> str:
 
 @contextlib.asynccontextmanager
 async def open_page(browser: Browser, url: str, screenshot: Path) -> AsyncIterator[Page]:
-    """A fresh browser context on ``url``; a screenshot at the end. Fails the test on a
-    script error or a CSP violation; failed loads (4xx on purpose) are the test's affair."""
+    """A fresh browser context on ``url``; a screenshot at the end, however the test
+    ends. Fails the test on a script error or a CSP violation; failed loads (4xx on
+    purpose) are the test's affair."""
     context = await browser.new_context(viewport={"width": 1000, "height": 760})
     page = await context.new_page()
     problems: list[str] = []
@@ -94,8 +96,10 @@ async def open_page(browser: Browser, url: str, screenshot: Path) -> AsyncIterat
     page.on("console", on_console)
     try:
         await page.goto(url)
-        yield page
-        await page.screenshot(path=screenshot, full_page=True)
+        try:
+            yield page
+        finally:
+            await page.screenshot(path=screenshot, full_page=True)
     finally:
         await context.close()
     assert problems == []
@@ -160,14 +164,56 @@ async def test_page_and_assets_are_served_from_the_package(
     response = await page.request.get(page_url(chat_server))
     assert response.ok
     assert response.headers["content-type"].startswith("text/html")
+    assert_page_headers(response.headers)
     html = await response.text()
-    assert "Content-Security-Policy" in html
-    assert "<script>" not in html  # no inline script: the CSP would refuse it anyway
+    # No inline script (the CSP would refuse it anyway): every script is a file.
+    scripts = re.findall(r"<script\b[^>]*>", html, flags=re.IGNORECASE)
+    assert scripts
+    assert all(re.search(r"\ssrc=", tag) for tag in scripts), scripts
     for asset, kind in [("static/chat.js", "javascript"), ("static/chat.css", "text/css")]:
         response = await page.request.get(page_url(chat_server) + asset)
         assert response.ok, asset
         assert kind in response.headers["content-type"], asset
+        assert_page_headers(response.headers)
     assert await page.title() == "llm-stream chat"
+
+
+def assert_page_headers(headers: dict[str, str]) -> None:
+    """The policy comes as headers: a <meta> policy cannot keep the page out of frames."""
+    policy = headers["content-security-policy"]
+    for directive in ("script-src 'self'", "style-src 'self'", "frame-ancestors 'none'"):
+        assert directive in policy, policy
+    assert "unsafe-inline" not in policy
+    assert headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+async def test_model_list_is_fetched_again_after_a_503(page: Page) -> None:
+    """While the server warms up GET /v1/models is a 503: the page tries again after
+    its Retry-After until the list comes."""
+    refused: list[str] = []
+
+    async def warming_up(route: Route) -> None:
+        if refused:
+            await route.continue_()
+            return
+        refused.append(route.request.url)
+        await route.fulfill(
+            status=503,
+            headers={"content-type": "application/json", "retry-after": "1"},
+            body=json.dumps({"error": {"message": "warming up", "type": "server_error"}}),
+        )
+
+    await page.route("**/v1/models", warming_up)
+    await page.reload()
+    status = page.locator("#status")
+    await status.wait_for()
+    text = await status.text_content() or ""
+    assert text.startswith("Could not list the models: 503"), text
+    assert "trying again in 1 s" in text, text
+    assert await models_listed(page) == ["tiny"]
+    await status.wait_for(state="hidden")
+    assert len(refused) == 1
 
 
 async def test_answer_streams_and_follow_up_sends_the_history(
@@ -218,8 +264,10 @@ async def test_answer_streams_and_follow_up_sends_the_history(
 async def test_stop_cancels_the_generation_on_the_server(
     page: Page, chat_server: RunningServer
 ) -> None:
-    max_tokens = 3000  # about 90 s at this pace: only Stop ends it within the test
-    await change_settings(page, max_tokens=max_tokens)
+    # Greedy, the tiny model's answer runs to max_tokens: 3000 tokens take about 90 s
+    # at this pace, so it is still streaming when Stop is pressed.
+    max_tokens = 3000
+    await change_settings(page, max_tokens=max_tokens, temperature=0)
     await ask(page, "Write a very long story.")
     await page.wait_for_function(
         "() => document.querySelector('.msg.assistant')?.dataset.state === 'streaming'"
@@ -353,6 +401,7 @@ async def test_api_key_from_the_settings_is_sent(
         assert state == "done"
         assert text
         assert len(sent) == 1
+        assert "max_tokens" not in sent[0]  # by default the server's --default-max-tokens
         assert "Bearer page-key-123" in headers
         # The key is remembered by this browser, for the next visit.
         assert await page.evaluate("() => localStorage.getItem('llm-stream.chat.apiKey')") == (

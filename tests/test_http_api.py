@@ -25,6 +25,7 @@ from llm_stream.access.api_keys import key_id
 from llm_stream.app import LLMStreamServer
 from llm_stream.engine.engine import EngineState
 from llm_stream.engine.types import FinishReason, ModelBackend
+from llm_stream.http.app import HTTP_MAX_BODY_BYTES
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings
 from tests.conftest import RunningServer, free_port, running_server, tiny_settings
@@ -33,7 +34,10 @@ from tests.test_cancellation import eventually
 from tests.wrapped_backend import slow_models
 
 HELLO = [{"role": "user", "content": "Hello world"}]
-LONG = 3500  # tokens: a generation that runs until it is cancelled
+# Tokens: with temperature 0 the tiny model's answer to HELLO runs to max_tokens (no
+# end of sequence), so a LONG generation runs until it is cancelled. Sampled (the
+# HTTP default is temperature 1) it may end by itself after a few dozen tokens.
+LONG = 3500
 HANG_GUARD_S = 30
 
 
@@ -264,7 +268,9 @@ async def test_bad_chat_requests_are_400(
 
 async def test_bad_bodies_and_paths(http_server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
-        not_json = await http.post("/v1/completions", content=b"{not json")
+        not_json = await http.post(
+            "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert not_json.status_code == 400
         assert (
             "not valid JSON"
@@ -278,11 +284,87 @@ async def test_bad_bodies_and_paths(http_server: RunningServer) -> None:
         assert assert_openai_error(unknown.json(), "invalid_request_error")["code"] == "not_found"
         wrong_method = await http.get("/v1/chat/completions")
         assert wrong_method.status_code == 405
+        error = assert_openai_error(wrong_method.json(), "invalid_request_error")
+        assert error["code"] == "method_not_allowed"
         # Not OpenAI's, for probes and the chat page: health and the page itself.
         health = await http.get("/health")
         assert health.status_code == 200 and health.json() == {"status": "SERVING"}
         page = await http.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.parametrize(
+    ("patch", "param", "fragment"),
+    [
+        ({"n": True}, "n", "n must be an integer, got a boolean"),
+        ({"best_of": True}, "best_of", "best_of must be an integer, got a boolean"),
+        ({"best_of": 3}, "best_of", "best_of must be 1"),
+    ],
+)
+async def test_n_and_best_of_are_integers(
+    http_server: RunningServer, patch: dict[str, Any], param: str, fragment: str
+) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, **patch}
+    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
+        response = await http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = assert_openai_error(response.json(), "invalid_request_error", param)
+    assert fragment in error["message"]
+
+
+async def test_only_json_bodies_are_taken(http_server: RunningServer) -> None:
+    """A web page may POST text/plain (or a form) to any origin without a CORS
+    preflight; such a request is refused, so no page can start generations here."""
+    body = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
+        for content_type in (
+            "text/plain",
+            "text/plain; charset=utf-8",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            None,
+        ):
+            headers = {} if content_type is None else {"content-type": content_type}
+            refused = await http.post("/v1/chat/completions", content=body, headers=headers)
+            assert refused.status_code == 415, content_type
+            error = assert_openai_error(refused.json(), "invalid_request_error")
+            assert error["code"] == "unsupported_media_type"
+            assert "Content-Type: application/json" in error["message"]
+            assert refused.headers["x-request-id"]
+        # The media type's parameters and case do not matter.
+        taken = await http.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"content-type": "Application/JSON; charset=utf-8"},
+        )
+        assert taken.status_code == 200, taken.text
+
+
+async def test_http_bodies_have_their_own_limit(http_server: RunningServer) -> None:
+    """2 MiB, far below gRPC's --max-message-mb (100 here): parsing a body holds the
+    event loop. Bodies above 64 KiB are parsed and converted on a worker thread."""
+    limit = HTTP_MAX_BODY_BYTES
+    assert http_server.server.settings.max_message_bytes > limit
+
+    async def just_too_large() -> AsyncIterator[bytes]:  # chunked: counted as it is read
+        yield b" " * limit
+        yield b" "
+
+    json_headers = {"content-type": "application/json"}
+    padding = "x" * 100_000  # "user" is ignored: it only makes the body large
+    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
+        refused = await http.post(
+            "/v1/chat/completions", content=just_too_large(), headers=json_headers
+        )
+        assert refused.status_code == 413
+        error = assert_openai_error(refused.json(), "invalid_request_error")
+        assert error["code"] == "request_too_large" and f"{limit} bytes" in error["message"]
+        large = {"messages": HELLO, "max_tokens": 2, "temperature": 0, "user": padding}
+        answer = await http.post("/v1/chat/completions", json=large)
+        assert answer.status_code == 200, answer.text
+        bad = await http.post("/v1/chat/completions", json={**large, "temperature": -1})
+        assert bad.status_code == 400
+        assert_openai_error(bad.json(), "invalid_request_error", "temperature")
 
 
 async def test_full_server_is_429_with_retry_after(one_slot: RunningServer) -> None:
@@ -292,6 +374,7 @@ async def test_full_server_is_429_with_retry_after(one_slot: RunningServer) -> N
         model="tiny",
         messages=HELLO,
         max_tokens=LONG,
+        temperature=0,  # greedy: runs until it is closed
         stream=True,
         extra_headers={"x-request-id": "http-holder"},
     )
@@ -333,17 +416,25 @@ async def test_closing_the_stream_stops_the_model_within_one_step(
     assert record.finish_reason is FinishReason.CANCELLED
     assert record.steps_after_cancel is not None and record.steps_after_cancel <= 1
     assert record.completion_tokens < 200 < LONG
-    assert one_slot.server.openai.active == 0
+    # The response gives its slot back as it finishes closing, soon after the model stops.
+    await eventually(lambda: one_slot.server.openai.active == 0)
     await assert_model_free(one_slot)
 
 
 async def test_leaving_an_unstreamed_request_stops_the_model(one_slot: RunningServer) -> None:
+    engine = one_slot.server.engine
     body = {"messages": HELLO, "max_tokens": LONG, "temperature": 0}
-    async with httpx.AsyncClient(base_url=one_slot.http_url, timeout=0.3) as http:
-        with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
-            await http.post(
-                "/v1/chat/completions", json=body, headers={"x-request-id": "http-leaver"}
-            )
+    await eventually(lambda: engine.active == 0)  # nothing left over from other tests
+    async with httpx.AsyncClient(base_url=one_slot.http_url, timeout=HANG_GUARD_S) as http:
+        post = asyncio.create_task(
+            http.post("/v1/chat/completions", json=body, headers={"x-request-id": "http-leaver"})
+        )
+        # Once the model is working on it, the client gives up and hangs up.
+        await eventually(lambda: engine.active == 1 or post.done())
+        assert not post.done()
+        post.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await post
     record = await one_slot.server.engine.wait_finished("http-leaver", HANG_GUARD_S)
     assert record.finish_reason is FinishReason.CANCELLED
     assert record.steps_after_cancel is not None and record.steps_after_cancel <= 1
@@ -390,7 +481,7 @@ async def test_api_keys_and_the_per_key_cap(
         alice, bob = sdk(running, ALICE), sdk(running, BOB)
         assert [m.id for m in (await alice.models.list()).data] == ["tiny"]
         holder = await alice.chat.completions.create(
-            model="tiny", messages=HELLO, max_tokens=LONG, stream=True
+            model="tiny", messages=HELLO, max_tokens=LONG, temperature=0, stream=True
         )
         await anext(holder)
         with pytest.raises(openai.RateLimitError) as capped:  # Alice holds her one
@@ -421,7 +512,8 @@ def gated(
 async def test_503_before_warm_up_and_while_draining(tiny_model_dir: Path, cache_dir: Path) -> None:
     gate = threading.Event()
     settings = tiny_settings(tiny_model_dir, cache_dir, http_port=free_port(), drain_grace_s=30)
-    server = LLMStreamServer(settings, load_models=gated(gate, slow_models(0.005)))
+    # 0.02 s a step: the generation in flight lasts over a minute unless it is closed.
+    server = LLMStreamServer(settings, load_models=gated(gate, slow_models(0.02)))
     await server.start()
     drained = False
     try:
@@ -441,18 +533,28 @@ async def test_503_before_warm_up_and_while_draining(tiny_model_dir: Path, cache
         assert server.ready is not None
         await asyncio.wait_for(server.ready, HANG_GUARD_S)
         stream = await client.chat.completions.create(
-            model="tiny", messages=HELLO, max_tokens=150, temperature=0, stream=True
+            model="tiny",
+            messages=HELLO,
+            max_tokens=LONG,
+            temperature=0,
+            stream=True,
+            extra_headers={"x-request-id": "http-in-flight"},
         )
         first = await anext(stream)
+        assert first.choices[0].delta.role == "assistant"
         drain = asyncio.create_task(server.drain())
         await eventually(lambda: server.engine.state is EngineState.DRAINING)
-        with pytest.raises(openai.InternalServerError) as late:  # the port still answers
+        # While an HTTP generation is in flight the port stays open and answers 503.
+        with pytest.raises(openai.InternalServerError) as late:
             await client.chat.completions.create(model="tiny", messages=HELLO)
         assert late.value.status_code == 503
         assert "shutting down" in assert_openai_error(late.value.body, "server_error")["message"]
-        rest = [chunk async for chunk in stream]  # the stream in flight finishes whole
-        assert first.choices[0].delta.role == "assistant"
-        assert rest[-1].choices[0].finish_reason in {"stop", "length"}
+        more = [await anext(stream) for _ in range(3)]  # the stream in flight goes on
+        assert all(chunk.choices[0].delta.content for chunk in more)
+        assert not drain.done()
+        await stream.close()  # its client ends it: nothing is left, the drain completes
+        record = await server.engine.wait_finished("http-in-flight", HANG_GUARD_S)
+        assert record.finish_reason is FinishReason.CANCELLED
         await asyncio.wait_for(drain, HANG_GUARD_S)
         drained = True
     finally:
@@ -470,6 +572,7 @@ async def test_drain_grace_expiry_ends_streams_as_cancelled(
             model="tiny",
             messages=HELLO,
             max_tokens=LONG,
+            temperature=0,  # greedy: runs until the drain cuts it
             stream=True,
             extra_headers={"x-request-id": "http-cut"},
         )

@@ -8,6 +8,9 @@ rejected-requests metric. What is HTTP's own:
 - the request id comes from an ``x-request-id`` header (cleaned like the gRPC
   ``request_id``) or is generated; it is echoed as ``x-request-id`` and embedded
   in the response's ``id`` (``chatcmpl-<id>``, ``cmpl-<id>``);
+- a body must be declared ``application/json`` (415 otherwise, so that no web
+  page can start generations cross-site with a plain form-like POST) and is
+  held to its own limit, :data:`HTTP_MAX_BODY_BYTES` (413 beyond it);
 - a streamed answer's status and headers are sent with its first token, so a
   request turned away (400, 404, 429, 503) gets a real HTTP status, not an error
   inside a 200 stream;
@@ -43,6 +46,7 @@ from llm_stream.errors import InvalidRequestError, ModelNotFoundError, quoted_in
 from llm_stream.http.errors import (
     BodyTooLargeError,
     ErrorReply,
+    UnsupportedMediaTypeError,
     error_body,
     error_response,
     reply_for,
@@ -74,12 +78,42 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATIC_DIR = Path(__file__).parent / "static"
-# Bodies larger than this are parsed on a worker thread, off the event loop.
-JSON_ON_THREAD_BYTES = 64 * 1024
+# The largest request body the HTTP API takes (less if --max-message-mb is lower).
+# Decoding and converting a body holds the GIL for long stretches wherever it runs
+# (json.loads is one C call, about 10 ms per MiB; the objects it makes bring on
+# full garbage collections), stalling the event loop and every stream on it.
+# 2 MiB holds far more text than any model context (about 500k tokens), and keeps the
+# worst body (hundreds of thousands of tiny messages) to tens of milliseconds.
+HTTP_MAX_BODY_BYTES = 2 * 1024 * 1024
+# Bodies larger than this are decoded and converted on a worker thread. That lets
+# the loop run in between, but does not make the work free for it: the limit above
+# is what bounds the stall.
+CONVERT_ON_THREAD_BYTES = 64 * 1024
+# Headers of the chat page and its files. The policy allows no inline script or
+# style anywhere, so model output can never run as code; frame-ancestors (which
+# a <meta> policy cannot set) and X-Frame-Options keep the page out of frames.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
 ROUTES_HELP = "this server serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models"
 
 Parser = Callable[[object, int], OpenAIRequest]
 Event = TokenEvent | StreamEnd
+
+
+class _PageFiles(StaticFiles):
+    """The chat page's files, with :data:`PAGE_HEADERS`."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 class ClientGone(Exception):
@@ -161,7 +195,7 @@ class OpenAIApi:
         *,
         on_rejected: Callable[[str], None] = lambda _code: None,
         retry_after_s: float = 0.5,
-        max_body_bytes: int = 100 * 1024 * 1024,
+        max_body_bytes: int = HTTP_MAX_BODY_BYTES,
         static_dir: Path = STATIC_DIR,
     ) -> None:
         self._engine = engine
@@ -190,7 +224,7 @@ class OpenAIApi:
             Route("/", self.index, methods=["GET"]),
         ]
         if self._static_dir.is_dir():
-            routes.append(Mount("/static", StaticFiles(directory=self._static_dir)))
+            routes.append(Mount("/static", _PageFiles(directory=self._static_dir)))
         return routes
 
     # -- drain ---------------------------------------------------------------------
@@ -252,11 +286,20 @@ class OpenAIApi:
         reply = self._reply(exc, request_id)
         return error_response(reply, self._retry_after_s, self._headers(request_id))
 
-    async def _read_json(self, request: Request) -> object:
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused unless it is declared JSON (415) and fits the
+        limit (413). The media type matters: a web page can POST text/plain to any
+        origin without a CORS preflight, but not application/json."""
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip()
+        if media_type.lower() != "application/json":
+            sent = quoted_input(media_type) if media_type else "no Content-Type"
+            raise UnsupportedMediaTypeError(
+                "the request body must be JSON sent with the header "
+                f"`Content-Type: application/json`; got {sent}"
+            )
         limit = self._max_body_bytes
         too_large = BodyTooLargeError(
-            f"the request body is larger than this server's limit of {limit} bytes "
-            "(--max-message-mb)"
+            f"the request body is larger than this server's HTTP limit of {limit} bytes"
         )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -268,15 +311,33 @@ class OpenAIApi:
             if size > limit:
                 raise too_large
             chunks.append(chunk)
-        data = b"".join(chunks)
+        return b"".join(chunks)
+
+    async def _convert(
+        self, request: Request, parse: Parser, request_id: str
+    ) -> tuple[OpenAIRequest, GenerationRequest]:
+        """The body decoded, converted and checked: for a body above
+        CONVERT_ON_THREAD_BYTES, all of it in one worker-thread call."""
+        data = await self._read_body(request)
+        if len(data) > CONVERT_ON_THREAD_BYTES:
+            return await asyncio.to_thread(self._convert_body, data, parse, request_id)
+        return self._convert_body(data, parse, request_id)
+
+    def _convert_body(
+        self, data: bytes, parse: Parser, request_id: str
+    ) -> tuple[OpenAIRequest, GenerationRequest]:
         try:
-            if len(data) > JSON_ON_THREAD_BYTES:
-                return await asyncio.to_thread(json.loads, data)
-            return json.loads(data)
+            body = json.loads(data)
         except RecursionError:
             raise InvalidRequestError("the request body's JSON is nested too deeply") from None
         except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
             raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+        parsed = parse(body, self._limits.max_tokens_cap)
+        try:
+            checked = to_generation_request(parsed.message, self._limits, request_id)
+        except InvalidRequestError as exc:
+            raise in_openai_terms(exc) from None
+        return parsed, checked
 
     # -- generations -----------------------------------------------------------------
 
@@ -292,11 +353,7 @@ class OpenAIApi:
         held = False
         try:
             key = self._authenticate(request)
-            parsed = parse(await self._read_json(request), self._limits.max_tokens_cap)
-            try:
-                checked = to_generation_request(parsed.message, self._limits, request_id)
-            except InvalidRequestError as exc:
-                raise in_openai_terms(exc) from None
+            parsed, checked = await self._convert(request, parse, request_id)
             generation = dataclasses.replace(checked, client=key)
             self._engine.check_accepting()
             backend = self._engine.backend_for(generation.model_id)
@@ -417,7 +474,7 @@ class OpenAIApi:
                 error_body(f"no chat page is installed; {ROUTES_HELP}", "invalid_request_error"),
                 status_code=404,
             )
-        return FileResponse(page)
+        return FileResponse(page, headers=PAGE_HEADERS)
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         """Unknown paths and wrong methods, in OpenAI's error shape too."""

@@ -37,7 +37,11 @@ class ParamError(InvalidRequestError):
 
 
 class BodyTooLargeError(InvalidRequestError):
-    """The request body is larger than the server takes (``--max-message-mb``)."""
+    """The request body is larger than the HTTP API takes."""
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """The request body is not declared ``Content-Type: application/json``."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class HttpError:
 # Looked up along the exception's MRO, so a subclass's own entry wins.
 HTTP_ERRORS: dict[type[Exception], HttpError] = {
     BodyTooLargeError: HttpError(413, "invalid_request_error", "request_too_large"),
+    UnsupportedMediaTypeError: HttpError(415, "invalid_request_error", "unsupported_media_type"),
     InvalidRequestError: HttpError(400, "invalid_request_error", None),
     ModelNotFoundError: HttpError(404, "invalid_request_error", "model_not_found", "model"),
     UnauthenticatedError: HttpError(401, "invalid_request_error", "invalid_api_key"),

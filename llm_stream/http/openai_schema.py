@@ -126,9 +126,19 @@ def _text(value: object, param: str) -> str:
 # -- what this server does not do -------------------------------------------------------
 
 
+def _only_one(body: Mapping[str, Any], name: str, why: str) -> None:
+    """``n`` and ``best_of``: absent, or the integer 1 (``true`` is not 1 here)."""
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ParamError(name, f"{name} must be an integer, got {json_type(value)}")
+    if value != 1:
+        raise ParamError(name, f"{name} must be 1: {why}")
+
+
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
-    if body.get("n") not in (None, 1):
-        raise ParamError("n", "n must be 1: this server returns one choice per request")
+    _only_one(body, "n", "this server returns one choice per request")
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name) not in (None, 0.0):
             raise ParamError(
@@ -166,8 +176,7 @@ def _refuse_unsupported_completion(body: Mapping[str, Any]) -> None:
         raise ParamError("echo", "echo is not supported; leave it out or send false")
     if body.get("suffix"):
         raise ParamError("suffix", "suffix (insertion) is not supported; leave it out")
-    if body.get("best_of") not in (None, 1):
-        raise ParamError("best_of", "best_of must be 1: this server returns one choice")
+    _only_one(body, "best_of", "this server returns one choice")
 
 
 # -- the shared parameters -----------------------------------------------------------------

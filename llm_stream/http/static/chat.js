@@ -69,12 +69,34 @@ async function errorMessage(response) {
 
 // -- models ------------------------------------------------------------------
 
+const RETRY_DEFAULT_S = 2; // when a 503 names no Retry-After
+let modelsAttempt = 0; // the latest loadModels call; older ones give way to it
+let modelsRetry = null; // the timer of the next try while the server warms up
+
+// Seconds to wait after a 503: its Retry-After (whole seconds), else RETRY_DEFAULT_S.
+function retryAfter(response) {
+  const seconds = Number.parseInt(response.headers.get("retry-after") ?? "", 10);
+  return Number.isFinite(seconds) && seconds > 0 ? Math.min(seconds, 60) : RETRY_DEFAULT_S;
+}
+
+// Fills the model picker; while the server answers 503 (warming up), tries again
+// after its Retry-After until the list comes.
 async function loadModels() {
+  const attempt = ++modelsAttempt;
+  clearTimeout(modelsRetry);
+  modelsRetry = null;
   const wanted = localStorage.getItem(STORE + "model") || ui.model.value;
   try {
     const response = await fetch(API.models, { headers: headers() });
+    if (attempt !== modelsAttempt) return; // a newer call (a new API key) took over
+    if (response.status === 503) {
+      const wait = retryAfter(response);
+      modelsRetry = setTimeout(loadModels, wait * 1000);
+      throw new Error(`${await errorMessage(response)} (trying again in ${wait} s)`);
+    }
     if (!response.ok) throw new Error(await errorMessage(response));
     const { data = [] } = await response.json();
+    if (attempt !== modelsAttempt) return;
     ui.model.replaceChildren(
       ...data.map((m) => {
         const option = document.createElement("option");
@@ -86,6 +108,7 @@ async function loadModels() {
     ui.model.disabled = data.length === 0;
     setStatus(data.length ? "" : "The server lists no models.");
   } catch (error) {
+    if (attempt !== modelsAttempt) return;
     const option = document.createElement("option");
     option.value = "";
     option.textContent = "(unavailable)";
