@@ -42,6 +42,9 @@ def test_soak_overload_loses_nothing(tiny_model_dir: Path, cache_dir: Path, tmp_
         *("--model", f"tiny={tiny_model_dir}", "--max-concurrent", "2", "--max-queue", "2"),
         *("--duration", str(DURATION_S), "--max-requests", str(MAX_REQUESTS)),
         *("--json", str(out), "--server-log", str(tmp_path / "server.log")),
+        # Deadlines short enough to expire whatever this machine's speed: the default
+        # (a fraction of the warm-up's time) can outlast the tiny model's answers.
+        *("--deadline", "0.005,0.05"),
         f"--server-arg=--cache-dir={cache_dir}",
     ]
     run = subprocess.run(
