@@ -56,9 +56,9 @@ after the warm-up because the batch's KV cache then has its largest shape alread
 what the allocator keeps beyond that is noise of a few MiB, while a leak of a few
 KiB per call over a few thousand calls exceeds the default bound of 64 MiB.
 
-By default the loops use raw stubs on a channel without retries, so every
-RESOURCE_EXHAUSTED the server sends is counted as sent. ``--client-retries`` uses
-``llm_stream.client.InferenceClient`` instead, whose service config retries
+The loops call through ``llm_stream.client.InferenceClient``. By default it fails
+fast (``retry=False``: no retries), so every RESOURCE_EXHAUSTED the server sends
+is counted as sent. With ``--client-retries`` its service config retries
 RESOURCE_EXHAUSTED (and UNAVAILABLE) up to 5 attempts, honouring the server's
 pushback: the rejected row then counts only calls that failed every attempt, and
 TTFT includes the retries' waits.
@@ -96,18 +96,17 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import psutil  # type: ignore[import-untyped,unused-ignore]  # installed with accelerate
 from prometheus_client.parser import text_string_to_metric_families
 
-from llm_stream.client import InferenceClient, make_request
+from llm_stream.client import InferenceClient
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import PROMPTS as BENCH_PROMPTS
@@ -212,51 +211,6 @@ def draw(rng: random.Random, mix: Mix, request_id: str) -> Spec:
 # -- calls ---------------------------------------------------------------------------------
 
 
-class Caller(Protocol):
-    """What the loops need of a client; InferenceClient has it."""
-
-    def stream(
-        self, prompt: str, *, timeout: float | None = None, **options: Any
-    ) -> AsyncIterator[pb.PredictToken]: ...
-
-    async def predict(
-        self, prompt: str, *, timeout: float | None = None, **options: Any
-    ) -> pb.PredictResponse: ...
-
-    async def close(self) -> None: ...
-
-
-class PlainCaller:
-    """Raw stubs on a channel with retries off: each RESOURCE_EXHAUSTED arrives as sent."""
-
-    def __init__(self, target: str) -> None:
-        self.channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.enable_retries", 0)], compression=grpc.Compression.Gzip
-        )
-        self._stub = pb_grpc.InferenceServiceStub(self.channel)
-
-    async def stream(
-        self, prompt: str, *, timeout: float | None = None, **options: Any
-    ) -> AsyncIterator[pb.PredictToken]:
-        call = self._stub.StreamPredict(make_request(prompt, **options), timeout=timeout)
-        try:
-            async for message in call:
-                yield message
-        finally:
-            call.cancel()  # a client that leaves early cancels the RPC
-
-    async def predict(
-        self, prompt: str, *, timeout: float | None = None, **options: Any
-    ) -> pb.PredictResponse:
-        response: pb.PredictResponse = await self._stub.Predict(
-            make_request(prompt, **options), timeout=timeout
-        )
-        return response
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
 @dataclass
 class Outcome:
     kind: str
@@ -345,7 +299,7 @@ def failed(spec: Spec, error: grpc.aio.AioRpcError, ttft_s: float | None, tokens
     return Outcome(ERROR, spec.unary, ttft_s, tokens, detail)
 
 
-async def run_stream(caller: Caller, spec: Spec) -> Outcome:
+async def run_stream(caller: InferenceClient, spec: Spec) -> Outcome:
     sent = time.perf_counter()
     tokens: list[pb.PredictToken] = []
     final: pb.PredictToken | None = None
@@ -374,7 +328,7 @@ async def run_stream(caller: Caller, spec: Spec) -> Outcome:
     return Outcome(kind, False, ttft, len(tokens), "; ".join(problems), text=text)
 
 
-async def run_unary(caller: Caller, spec: Spec) -> Outcome:
+async def run_unary(caller: InferenceClient, spec: Spec) -> Outcome:
     try:
         response = await caller.predict(spec.prompt, timeout=spec.timeout, **spec.options())
     except grpc.aio.AioRpcError as error:
@@ -385,7 +339,7 @@ async def run_unary(caller: Caller, spec: Spec) -> Outcome:
     return Outcome(kind, True, None, tokens, "; ".join(problems), text=response.text)
 
 
-async def run_one(caller: Caller, spec: Spec) -> Outcome:
+async def run_one(caller: InferenceClient, spec: Spec) -> Outcome:
     try:
         return await (run_unary(caller, spec) if spec.unary else run_stream(caller, spec))
     except Exception as exc:  # anything but a status is a client-side surprise: an error
@@ -466,7 +420,7 @@ class Budget:
 
 
 async def client_loop(
-    index: int, caller: Caller, *, mix: Mix, seed: int, budget: Budget, tally: Tally
+    index: int, caller: InferenceClient, *, mix: Mix, seed: int, budget: Budget, tally: Tally
 ) -> None:
     rng = random.Random(f"{seed}-{index}")
     number = 0
@@ -666,7 +620,7 @@ def greedy_spec(request_id: str, unary: bool, max_tokens: int, timeout: float) -
     return Spec(request_id, unary, LONGEST_PROMPT, max_tokens, 0.0, None, (), timeout, False, None)
 
 
-async def warm_up(caller: Caller, args: argparse.Namespace) -> float:
+async def warm_up(caller: InferenceClient, args: argparse.Namespace) -> float:
     """C streams of the longest prompt and the largest max_tokens at once, then one Predict.
 
     The batch then has had its most rows at their longest, so the KV cache has reached the
@@ -687,7 +641,7 @@ async def warm_up(caller: Caller, args: argparse.Namespace) -> float:
     return seconds
 
 
-async def soak(args: argparse.Namespace, caller: Caller, srv: Server, mix: Mix) -> Result:
+async def soak(args: argparse.Namespace, caller: InferenceClient, srv: Server, mix: Mix) -> Result:
     """The load itself, from the first RSS reading to the end of the last call."""
     rss = [rss_bytes(srv.process.pid)]
     usage = Usage.now(srv.process.pid)
@@ -716,7 +670,8 @@ async def load(args: argparse.Namespace, srv: Server) -> Result:
     async with InferenceClient(srv.target) as ready_client:
         log.info("waiting for %s to report SERVING", srv.target)
         await wait_ready(ready_client, srv.process)
-    caller: Caller = InferenceClient(srv.target) if args.client_retries else PlainCaller(srv.target)
+    # Without --client-retries every refusal reaches the loops as the server sent it.
+    caller = InferenceClient(srv.target, retry=args.client_retries)
     try:
         warm_s = await warm_up(caller, args)
         deadline = args.deadline or (0.25 * warm_s, 1.5 * warm_s)
@@ -979,7 +934,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--client-retries",
         action="store_true",
         help="use InferenceClient, whose service config retries RESOURCE_EXHAUSTED honouring "
-        "the server's pushback (default: raw stubs, no retries)",
+        "the server's pushback (default: fail fast, no retries)",
     )
     add("--seed", type=int, default=0, help="seed of the request mix (default 0)")
     add(

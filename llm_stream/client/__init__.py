@@ -45,6 +45,8 @@ SERVICE_CONFIG = {
         }
     ],
 }
+# Fail fast: round_robin only; every failure reaches the caller as the server sent it.
+FAIL_FAST_SERVICE_CONFIG = {"loadBalancingConfig": SERVICE_CONFIG["loadBalancingConfig"]}
 
 
 def channel_target(targets: str | Sequence[str]) -> str:
@@ -165,6 +167,9 @@ class InferenceClient:
 
     ``tls=True`` (implied by ``ca_cert`` or a client certificate) speaks TLS;
     ``api_key`` is sent as ``authorization: Bearer <key>`` on every inference call.
+    ``retry=False`` fails fast: no waiting for the server to be reachable and no
+    retries, so each UNAVAILABLE or RESOURCE_EXHAUSTED reaches the caller as sent
+    (load tests count them so).
     """
 
     def __init__(
@@ -179,10 +184,14 @@ class InferenceClient:
         client_cert: bytes | str | Path | None = None,
         client_key: bytes | str | Path | None = None,
         api_key: str | None = None,
+        retry: bool = True,
     ) -> None:
         options: list[tuple[str, Any]] = [
-            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-            ("grpc.enable_retries", 1),
+            (
+                "grpc.service_config",
+                json.dumps(SERVICE_CONFIG if retry else FAIL_FAST_SERVICE_CONFIG),
+            ),
+            ("grpc.enable_retries", int(retry)),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             # Pings no more often than the server's minimum interval (10 s by default).
