@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,7 +66,7 @@ from llm_stream.http.openai_schema import (
 from llm_stream.logging_setup import key_id_var, request_id_var
 from llm_stream.protocol.convert import (
     RequestLimits,
-    clean_request_id,
+    request_id_from,
     request_id_header,
     to_generation_request,
 )
@@ -259,7 +258,7 @@ class OpenAIApi:
 
     @staticmethod
     def _request_id(request: Request) -> str:
-        request_id = clean_request_id(request.headers.get("x-request-id", "")) or uuid.uuid4().hex
+        request_id = request_id_from(request.headers.get("x-request-id", ""))
         request_id_var.set(request_id)
         return request_id
 

@@ -39,9 +39,10 @@ class ReloadingSSLContext:
     def __init__(self, files: TLSFiles) -> None:
         self._watcher = CertificateWatcher(files, "HTTP port")
         self._mtls = files.client_ca is not None
-        self._current = server_context(self._watcher.current, self._mtls)
         self.context = server_context(self._watcher.current, self._mtls)
         self.context.sni_callback = self._hand_over
+        # Until the first rotation the served context is the current one.
+        self._current = self.context
         self._task: asyncio.Task[None] | None = None
 
     def _hand_over(

@@ -62,9 +62,13 @@ def clean_request_id(raw: str) -> str:
     return kept.strip()[:MAX_REQUEST_ID_LENGTH].rstrip()
 
 
+def request_id_from(raw: str) -> str:
+    """A client's request id cleaned by :func:`clean_request_id`, else a new one."""
+    return clean_request_id(raw) or uuid.uuid4().hex
+
+
 def request_id_of(message: pb.PredictRequest) -> str:
-    """The request's id: the client's, cleaned by :func:`clean_request_id`, else a new one."""
-    return clean_request_id(message.request_id) or uuid.uuid4().hex
+    return request_id_from(message.request_id)
 
 
 def to_generation_request(
