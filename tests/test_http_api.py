@@ -226,6 +226,17 @@ async def test_errors_have_openai_shape_and_status(http_server: RunningServer) -
     assert rejected(http_server, "NOT_FOUND") >= 1
 
 
+async def assert_400(
+    server: RunningServer, path: str, body: dict[str, Any], param: str | None, fragment: str
+) -> None:
+    """POST ``body``: a 400 in OpenAI's shape, naming ``param``, saying ``fragment``."""
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = assert_openai_error(response.json(), "invalid_request_error", param)
+    assert fragment in error["message"]
+
+
 @pytest.mark.parametrize(
     ("patch", "param", "fragment"),
     [
@@ -259,11 +270,7 @@ async def test_bad_chat_requests_are_400(
     http_server: RunningServer, patch: dict[str, Any], param: str | None, fragment: str
 ) -> None:
     body = {"model": "tiny", "messages": HELLO, **patch}
-    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
-        response = await http.post("/v1/chat/completions", json=body)
-    assert response.status_code == 400, response.text
-    error = assert_openai_error(response.json(), "invalid_request_error", param)
-    assert fragment in error["message"]
+    await assert_400(http_server, "/v1/chat/completions", body, param, fragment)
 
 
 async def test_bad_bodies_and_paths(http_server: RunningServer) -> None:
@@ -305,11 +312,7 @@ async def test_n_and_best_of_are_integers(
     http_server: RunningServer, patch: dict[str, Any], param: str, fragment: str
 ) -> None:
     body = {"prompt": "Hi", "max_tokens": 2, **patch}
-    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
-        response = await http.post("/v1/completions", json=body)
-    assert response.status_code == 400, response.text
-    error = assert_openai_error(response.json(), "invalid_request_error", param)
-    assert fragment in error["message"]
+    await assert_400(http_server, "/v1/completions", body, param, fragment)
 
 
 async def test_only_json_bodies_are_taken(http_server: RunningServer) -> None:
