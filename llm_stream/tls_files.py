@@ -108,7 +108,7 @@ def read_certificates(files: TLSFiles) -> CertificateSet:
             f"--tls-cert {files.cert} and --tls-key {files.key} are not a PEM certificate "
             f"and its private key ({exc})"
         ) from None
-    if files.client_ca is not None and client_ca is not None:
+    if client_ca is not None:
         try:
             ssl.create_default_context(cadata=client_ca.decode("ascii"))
         except (ssl.SSLError, ValueError) as exc:
