@@ -44,12 +44,21 @@ ModelLoader = Callable[[Settings], Sequence[ModelBackend]]
 
 def load_configured_models(settings: Settings) -> list[ModelBackend]:
     """The real loader: the registry from flags and file, each entry loaded."""
-    from llm_stream.model.loader import load_backend  # torch is imported only when loading
+    # torch is imported only when loading
+    from llm_stream.model.execution import ExecutionOptions
+    from llm_stream.model.loader import load_backend
     from llm_stream.model.sources import build_registry_config
 
     registry = build_registry_config(settings.models, settings.models_file, settings.default_model)
+    options = ExecutionOptions(
+        max_rows=settings.max_concurrent,
+        max_batch_tokens=settings.max_batch_tokens,
+        cuda_graphs=settings.cuda_graphs,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_prefill_tokens=BatchLimits().max_prefill_tokens,
+    )
     backends = [
-        load_backend(spec, settings.device, settings.dtype, settings.cache_dir)
+        load_backend(spec, settings.device, settings.dtype, settings.cache_dir, options)
         for spec in registry.specs
     ]
     backends.sort(key=lambda b: b.model_id != registry.default_model_id)
@@ -59,7 +68,6 @@ def load_configured_models(settings: Settings) -> list[ModelBackend]:
 def batch_limits(settings: Settings) -> BatchLimits:
     return BatchLimits(
         max_rows=settings.max_concurrent,
-        max_batch_tokens=settings.max_batch_tokens,
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
     )
@@ -209,12 +217,13 @@ class LLMStreamServer:
             await self.health.mark_serving()
             default = self.engine.backend_for("")
             log.info(
-                "ready: serving on %s:%d model=%s version=%s device=%s (models: %s)",
+                "ready: serving on %s:%d model=%s version=%s device=%s %s (models: %s)",
                 self.settings.host,
                 self.port,
                 default.model_id,
                 default.version,
                 default.device,
+                default.execution,
                 ", ".join(self.engine.backends),
             )
             if self._http is not None:

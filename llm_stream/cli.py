@@ -56,6 +56,16 @@ _non_negative_float = _ranged(float, 0.0)
 _port = _ranged(int, 0, 65535)
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _mebibytes(text: str) -> int:
     return _positive_int(text) * 1024 * 1024
 
@@ -74,7 +84,8 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     (
         "--max-batch-tokens",
         _positive_int,
-        "token budget of a model's batch: rows x the largest prompt + max_tokens among them",
+        "KV token budget of a model's batch: rows x the largest prompt + max_tokens among "
+        "them (auto: 65536 on the CPU; on CUDA what --gpu-memory-utilization leaves)",
     ),
     (
         "--max-queue",
@@ -86,6 +97,16 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
         _positive_int,
         "prompt tokens fed per step while as many sequences decode as wait (more while "
         "more wait); longer prompts are split",
+    ),
+    (
+        "--cuda-graphs",
+        _choice("auto", "off"),
+        "auto: on CUDA, decode steps replay CUDA graphs captured at start-up; off: eager",
+    ),
+    (
+        "--gpu-memory-utilization",
+        _ranged(float, 0.05, 1.0),
+        "share of the GPU's memory for the weights, activations and KV cache (CUDA)",
     ),
     ("--max-batch-size", _positive_int, "most requests in one BatchPredict"),
     ("--default-max-tokens", _positive_int, "max_tokens when a request sends 0"),
@@ -209,6 +230,8 @@ def shown_default(flag: str) -> str:
         return str(default // (1024 * 1024))
     if flag == "--cache-dir":
         return "~/.cache/llm-stream"
+    if flag == "--max-batch-tokens":
+        return "auto"
     if default is None:
         return "unset"
     return str(default)

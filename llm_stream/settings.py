@@ -31,13 +31,18 @@ class Settings:
     dtype: str = "auto"
     cache_dir: Path = field(default_factory=default_cache_dir)
     # Continuous batching, per model: sequences in the batch at once, the
-    # batch's token budget (rows x the largest prompt + max_tokens among them:
-    # the padded cache), requests allowed to wait beyond the free rows, and
-    # prompt tokens fed per step while as many sequences decode as wait.
+    # batch's KV token budget (rows x the largest prompt + max_tokens among them;
+    # None: 65536 on the CPU, what --gpu-memory-utilization leaves on CUDA),
+    # requests allowed to wait beyond the free rows, and prompt tokens fed per
+    # step while as many sequences decode as wait.
     max_concurrent: int = 64
-    max_batch_tokens: int = 65536
+    max_batch_tokens: int | None = None
     max_queue: int = 256
     prefill_chunk: int = 64
+    # CUDA: the decode step replayed from CUDA graphs ("auto") or run eagerly ("off"),
+    # and the share of the GPU's memory the model, its activations and its KV cache use.
+    cuda_graphs: str = "auto"
+    gpu_memory_utilization: float = 0.9
     max_batch_size: int = 32
     default_max_tokens: int = 256
     max_tokens_cap: int = 2048

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from llm_stream.app import load_configured_models
-from llm_stream.engine.types import FinishReason, ModelBackend, PrefillChunk, StepRunner
+from llm_stream.engine.types import FinishReason, ModelBackend, StepPlan, StepRunner
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings
 from tests.conftest import (
@@ -50,13 +50,12 @@ class CountingRunner(RunnerWrapper):
         super().__init__(inner)
         self.counts = counts
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        self.counts.prefills.append(len(chunks))
-        return self.inner.prefill(chunks)
-
-    def decode(self) -> list[tuple[int, int]]:
-        self.counts.decodes += 1
-        return self.inner.decode()
+    def launch(self, plan: StepPlan) -> None:
+        if plan.prefill:
+            self.counts.prefills.append(len(plan.prefill))
+        if plan.decode:
+            self.counts.decodes += 1
+        self.inner.launch(plan)
 
 
 @pytest.fixture(scope="module")

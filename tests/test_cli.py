@@ -41,6 +41,8 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--max-tokens-cap": ("999", "max_tokens_cap", 999),
     "--max-batch-tokens": ("4096", "max_batch_tokens", 4096),
     "--prefill-chunk": ("32", "prefill_chunk", 32),
+    "--cuda-graphs": ("OFF", "cuda_graphs", "off"),
+    "--gpu-memory-utilization": ("0.5", "gpu_memory_utilization", 0.5),
     "--drain-grace": ("2.5", "drain_grace_s", 2.5),
     "--max-message-mb": ("7", "max_message_bytes", 7 * MIB),
     "--keepalive-time": ("12", "keepalive_time_s", 12.0),

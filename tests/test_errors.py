@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from llm_stream.app import load_configured_models
-from llm_stream.engine.types import ModelBackend, PrefillChunk
+from llm_stream.engine.types import ModelBackend, StepPlan
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.settings import Settings
@@ -306,12 +306,12 @@ SECRET = "tensor on fire at 0xdeadbeef"
 
 
 class BuggyRunner(RunnerWrapper):
-    """A real runner whose prefill hits an unexpected exception for one prompt."""
+    """A real runner whose step hits an unexpected exception for one prompt."""
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        if any(chunk.prepared.request.prompt == BUG_PROMPT for chunk in chunks):
+    def launch(self, plan: StepPlan) -> None:
+        if any(chunk.prepared.request.prompt == BUG_PROMPT for chunk in plan.prefill):
             raise RuntimeError(SECRET)
-        return self.inner.prefill(chunks)
+        self.inner.launch(plan)
 
 
 def load_buggy(settings: Settings) -> list[ModelBackend]:

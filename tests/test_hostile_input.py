@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 from llm_stream.engine.types import CHAT_ROLES, SamplingParams
 from llm_stream.errors import QUOTE_LIMIT, ModelNotFoundError, quoted_input
 from llm_stream.logging_setup import LOG_FORMAT, RequestContextFilter
-from llm_stream.model.sampling import choose_tokens, make_row_sampler
+from llm_stream.model.sampling import BatchSampler
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
 from llm_stream.protocol import servicer as servicer_module
@@ -864,24 +864,23 @@ def test_extreme_repetition_penalties_still_choose_a_token(
     the whole batch of other clients' generations failed with it)."""
     vocab = 50
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * 10
-    rows = [
-        make_row_sampler(
-            SamplingParams(
-                max_tokens=4,
-                temperature=temperature,
-                repetition_penalty=penalty,
-                seed=7,
-                top_p=top_p,
-                top_k=top_k,
-            ),
-            list(range(vocab)),
-            torch.device("cpu"),
+    sampler = BatchSampler(3, vocab, torch.device("cpu"))
+    params = [
+        SamplingParams(
+            max_tokens=4,
+            temperature=temperature,
+            repetition_penalty=penalty,
+            seed=7,
+            top_p=top_p,
+            top_k=top_k,
         )
         for top_p, top_k in [(1.0, 0), (0.5, 0), (1.0, 3)]
     ]
-    for _ in range(3):
-        tokens = choose_tokens(logits, rows)
-        assert all(0 <= token < vocab for token in tokens), tokens
+    sampler.place(0, params, [list(range(vocab))] * 3)
+    for step in range(3):
+        tokens = sampler.sample(logits, slice(0, 3), torch.full((3,), 10 + step))
+        sampler.record(tokens, slice(0, 3))
+        assert all(0 <= token < vocab for token in tokens.tolist()), tokens
 
 
 def test_a_tiny_repetition_penalty_over_the_wire(stub: pb_grpc.InferenceServiceStub) -> None:

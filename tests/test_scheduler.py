@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,112 +16,147 @@ from llm_stream.engine.types import (
     BatchLostError,
     FinishReason,
     GenerationRequest,
-    PrefillChunk,
     PreparedRequest,
     SamplingParams,
+    StepPlan,
+    StepTokens,
 )
 from llm_stream.errors import InvalidRequestError, OverloadedError
 
 EOS = 0
 
 
-class CountingAssembler:
-    """Text is each token's number; done at EOS or max_tokens."""
+@dataclass(frozen=True)
+class FakeBudget:
+    """The CPU rule: rows x the widest prompt + max_tokens, at most ``total``."""
 
-    def __init__(self, max_tokens: int) -> None:
-        self.max_tokens = max_tokens
-        self.count = 0
-        self.finish_reason: FinishReason | None = None
+    total: int = 65536
 
     @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
+    def max_sequence_tokens(self) -> int:
+        return self.total
 
-    def add(self, token_id: int) -> str:
-        self.count += 1
-        if token_id == EOS:
-            self.finish_reason = FinishReason.END_OF_SEQUENCE
-        elif self.count >= self.max_tokens:
-            self.finish_reason = FinishReason.LENGTH
-        return f"{token_id} "
+    @property
+    def limit_hint(self) -> str:
+        return f"--max-batch-tokens {self.total}"
+
+    def admits(self, costs: Sequence[int], candidate: int) -> bool:
+        return (len(costs) + 1) * max([*costs, candidate]) <= self.total
 
 
 @dataclass
 class FakeRunner:
-    """Keeps the decode batch's keys; every row's next token is 7, or EOS when told."""
+    """Carries plans out at once; every row's next token is 7, or EOS when told.
 
+    With ``pipeline_depth`` 1 the scheduler keeps one step in flight, as on a GPU.
+    """
+
+    pipeline_depth: int = 0
+    budget: FakeBudget = field(default_factory=FakeBudget)
     rows: list[int] = field(default_factory=list)
-    prefills: list[list[tuple[int, int, int]]] = field(default_factory=list)
-    decodes: list[list[int]] = field(default_factory=list)
-    removed: list[set[int]] = field(default_factory=list)
+    plans: list[StepPlan] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
     eos_for: set[int] = field(default_factory=set)
     fail_prefill: bool = False
-    fail_decode: bool = False
+    fail_launch: BaseException | None = None
+    fail_collect: list[BaseException] = field(default_factory=list)
+    pending: collections.deque[StepTokens] = field(default_factory=collections.deque)
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        if self.fail_prefill:
-            raise RuntimeError("prefill broke")
-        self.prefills.append([(c.key, c.start, c.end) for c in chunks])
-        out: list[int | None] = []
-        for chunk in chunks:
-            if chunk.completes_prompt:
+    def launch(self, plan: StepPlan) -> None:
+        if self.fail_launch is not None:
+            raise self.fail_launch
+        self.calls.append(f"launch {plan.step}")
+        self.plans.append(plan)
+        self.rows = [key for key in self.rows if key not in plan.remove]
+        tokens = [(key, self._token(key)) for key in self.rows] if plan.decode else []
+        failed: list[tuple[int, BaseException]] = []
+        for chunk in plan.prefill:
+            if self.fail_prefill:
+                failed.append((chunk.key, RuntimeError("prefill broke")))
+            elif chunk.completes_prompt:
                 self.rows.append(chunk.key)
-                out.append(self._token(chunk.key))
-            else:
-                out.append(None)
-        return out
+                tokens.append((chunk.key, self._token(chunk.key)))
+        self.pending.append(StepTokens(plan.step, tuple(tokens), tuple(failed)))
 
-    def decode(self) -> list[tuple[int, int]]:
-        if self.fail_decode:
-            raise RuntimeError("decode broke")
-        self.decodes.append(list(self.rows))
-        return [(key, self._token(key)) for key in self.rows]
-
-    def remove(self, keys: Collection[int]) -> None:
-        self.removed.append(set(keys))
-        self.rows = [k for k in self.rows if k not in keys]
+    def collect(self) -> StepTokens:
+        result = self.pending.popleft()
+        self.calls.append(f"collect {result.step}")
+        if self.fail_collect:
+            raise self.fail_collect.pop()
+        return result
 
     def reset(self) -> None:
         self.rows = []
+        self.pending.clear()
 
     def _token(self, key: int) -> int:
         return EOS if key in self.eos_for else 7
 
+    @property
+    def decodes(self) -> list[list[int]]:
+        """The rows of each decode, as they were when it ran."""
+        rows: list[int] = []
+        out = []
+        for plan in self.plans:
+            rows = [key for key in rows if key not in plan.remove]
+            if plan.decode:
+                out.append(list(rows))
+            rows += [c.key for c in plan.prefill if c.completes_prompt]
+        return out
+
+    @property
+    def prefills(self) -> list[list[tuple[int, int, int]]]:
+        return [[(c.key, c.start, c.end) for c in p.prefill] for p in self.plans if p.prefill]
+
+    @property
+    def removed(self) -> list[set[int]]:
+        return [set(p.remove) for p in self.plans if p.remove]
+
 
 def sequence(prompt_tokens: int = 4, max_tokens: int = 5, name: str = "s") -> Seq:
     request = GenerationRequest(name, "m", "p", SamplingParams(max_tokens=max_tokens))
-    prepared = PreparedRequest(request, tuple(range(1, prompt_tokens + 1)), max_tokens)
-    return Seq(prepared, CountingAssembler(max_tokens))
+    prepared = PreparedRequest(
+        request, tuple(range(1, prompt_tokens + 1)), max_tokens, stop_token_ids=frozenset({EOS})
+    )
+    return Seq(prepared)
 
 
-def scheduler(**limits: int) -> tuple[Scheduler, FakeRunner, list[StepOutput]]:
-    runner = FakeRunner()
+def scheduler(
+    runner: FakeRunner | None = None, **limits: int
+) -> tuple[Scheduler, FakeRunner, list[StepOutput]]:
+    runner = runner or FakeRunner()
     delivered: list[StepOutput] = []
     return Scheduler(runner, BatchLimits(**limits), delivered.extend), runner, delivered
 
 
-def events_of(delivered: list[StepOutput], seq: Seq) -> list[str]:
-    return [e.text for o in delivered if o.sequence is seq for e in o.events]
+def tokens_of(delivered: list[StepOutput], seq: Seq) -> list[int]:
+    return [t for o in delivered if o.key == seq.key for t in o.token_ids]
 
 
-def test_a_sequence_joins_at_the_next_step_and_leaves_when_it_finishes() -> None:
+def finished_keys(delivered: list[StepOutput]) -> list[int]:
+    return [o.key for o in delivered if o.finished]
+
+
+def test_a_sequence_joins_with_its_first_token_and_leaves_when_it_finishes() -> None:
     sched, runner, delivered = scheduler()
     a = sequence(max_tokens=3, name="a")
     sched.submit(a)
-    sched.step()  # a is prefilled (first token) and decodes once (second token)
+    sched.step()  # a is prefilled: its first token
     assert runner.prefills == [[(a.key, 0, 4)]]
-    assert runner.decodes == [[a.key]]
+    assert runner.decodes == []
     b = sequence(max_tokens=5, name="b")
     sched.submit(b)
-    sched.step()  # b joins; a gets its third token and leaves in this same step
+    sched.step()  # a decodes its second token; b is prefilled
     assert runner.prefills[-1] == [(b.key, 0, 4)]
-    assert runner.decodes[-1] == [a.key, b.key]
+    assert runner.decodes[-1] == [a.key]
+    sched.step()  # a's third and last token
     assert a.finished and a.finish_reason is FinishReason.LENGTH
-    assert runner.rows == [b.key]
-    assert sched.running == 1
-    assert events_of(delivered, a) == ["7 "] * 3
-    finished = [o for o in delivered if o.finished]
-    assert [o.sequence for o in finished] == [a]
+    assert runner.decodes[-1] == [a.key, b.key]
+    sched.step()  # its row is freed before anything else runs
+    assert runner.removed[-1] == {a.key}
+    assert runner.rows == [b.key] and sched.running == 1
+    assert tokens_of(delivered, a) == [7, 7, 7]
+    assert finished_keys(delivered) == [a.key]
 
 
 def test_nobody_waits_for_another_to_finish() -> None:
@@ -131,7 +167,9 @@ def test_nobody_waits_for_another_to_finish() -> None:
     short = sequence(max_tokens=2, name="short")
     sched.submit(short)
     sched.step()
+    sched.step()
     assert short.finished  # done while the long one goes on
+    sched.step()
     assert not long.finished and runner.rows == [long.key]
 
 
@@ -142,7 +180,9 @@ def test_end_of_sequence_at_the_first_token_leaves_before_decoding() -> None:
     sched.submit(a)
     sched.step()
     assert a.finish_reason is FinishReason.END_OF_SEQUENCE
+    sched.step()
     assert runner.decodes == []  # never decoded: it left right after its prefill
+    assert runner.removed == [{a.key}]
     assert [o.finished for o in delivered] == [True]
 
 
@@ -155,9 +195,11 @@ def test_cancelled_row_is_gone_before_the_next_decode() -> None:
     assert not victim.finished  # running rows leave at the start of the next step
     sched.step()
     assert victim.finish_reason is FinishReason.CANCELLED
+    assert runner.removed[-1] == {victim.key}
     assert runner.decodes[-1] == [keep.key]
     assert victim.cancel_step is not None and victim.freed_step == victim.cancel_step + 1
-    assert [o.finished for o in delivered if o.sequence is victim][-1]
+    final = [o for o in delivered if o.key == victim.key][-1]
+    assert final.finished and final.steps_after_cancel == 1
     sched.step()
     assert runner.decodes[-1] == [keep.key] and not keep.finished
 
@@ -171,7 +213,7 @@ def test_cancel_while_waiting_leaves_the_queue_at_once() -> None:
     sched.cancel(queued)
     assert sched.waiting == 0
     assert queued.finish_reason is FinishReason.CANCELLED and queued.phase is Phase.FINISHED
-    assert delivered[-1].sequence is queued and delivered[-1].finished
+    assert delivered[-1].key == queued.key and delivered[-1].finished
     sched.cancel(queued)  # twice is harmless
     sched.step()
     assert all(queued.key not in rows for rows in runner.decodes)
@@ -179,15 +221,15 @@ def test_cancel_while_waiting_leaves_the_queue_at_once() -> None:
 
 def test_row_limit_and_queue_limit() -> None:
     sched, runner, _ = scheduler(max_rows=2, max_queue=1)
-    a, b, c = (sequence(max_tokens=3, name=n) for n in "abc")
+    a, b, c = (sequence(max_tokens=2, name=n) for n in "abc")
     sched.submit(a, b, c)  # two free rows plus one queue place
     with pytest.raises(OverloadedError, match="busy"):
         sched.submit(sequence())
     sched.step()
     assert sched.running == 2 and sched.waiting == 1
+    sched.step()  # a and b get their last tokens
     assert runner.decodes[-1] == [a.key, b.key]
-    sched.step()  # a and b finish
-    sched.step()  # c takes a freed row
+    sched.step()  # their rows are freed and c takes one
     assert c.phase is Phase.DECODING
 
 
@@ -198,14 +240,14 @@ def test_submit_is_all_or_none() -> None:
     assert sched.waiting == 0
 
 
-def test_token_budget_admits_what_fits_and_refuses_what_never_can() -> None:
-    sched, _, _ = scheduler(max_batch_tokens=20)
+def test_the_budget_admits_what_fits_and_refuses_what_never_can() -> None:
+    sched, _, _ = scheduler(FakeRunner(budget=FakeBudget(20)))
     big = sequence(prompt_tokens=10, max_tokens=8, name="big")  # 18 tokens
     other = sequence(prompt_tokens=4, max_tokens=4, name="other")  # 8 tokens
     sched.submit(big, other)
     sched.step()
-    assert sched.running == 1 and sched.waiting == 1  # 18 + 8 > 20: other waits
-    with pytest.raises(InvalidRequestError, match="max-batch-tokens"):
+    assert sched.running == 1 and sched.waiting == 1  # 2 x 18 > 20: other waits
+    with pytest.raises(InvalidRequestError, match="max-batch-tokens 20"):
         sched.submit(sequence(prompt_tokens=15, max_tokens=6))
     while not big.finished:
         sched.step()
@@ -217,7 +259,7 @@ def test_prefill_is_bounded_while_others_decode() -> None:
     sched, runner, _ = scheduler(prefill_chunk=8)
     running = [sequence(max_tokens=100, name=f"running{i}") for i in range(4)]
     sched.submit(*running)
-    while running[0].assembler.count < 8:  # established: past their first tokens
+    while running[0].generated < 10:  # established: past their first tokens
         sched.step()
     long = sequence(prompt_tokens=20, max_tokens=5, name="long")
     shorts = [sequence(prompt_tokens=5, max_tokens=5, name=f"s{i}") for i in range(3)]
@@ -230,7 +272,7 @@ def test_prefill_is_bounded_while_others_decode() -> None:
     assert all(sum(end - start for _, start, end in step) <= 8 for step in fed)
     long_chunks = [(s, e) for step in fed for key, s, e in step if key == long.key]
     assert long_chunks == [(0, 8), (8, 16), (16, 20)]
-    assert all(all(r.key in rows for r in running) for rows in runner.decodes)
+    assert all(all(r.key in rows for r in running) for rows in runner.decodes[1:])
     assert all(s.prefilled == s.prompt_length for s in [long, *shorts])
 
 
@@ -238,7 +280,7 @@ def test_prefill_budget_grows_with_the_sequences_waiting_per_decoding_one() -> N
     sched, runner, _ = scheduler(prefill_chunk=8)
     first = sequence(max_tokens=100, name="first")
     sched.submit(first)
-    while first.assembler.count < 8:
+    while first.generated < 10:
         sched.step()
     arrivals = [sequence(prompt_tokens=6, max_tokens=5) for _ in range(6)]
     sched.submit(*arrivals)
@@ -264,7 +306,18 @@ def test_with_nobody_decoding_every_admitted_prompt_is_fed_at_once() -> None:
     sched.submit(*batch)
     sched.step()
     assert runner.prefills == [[(s.key, 0, 20) for s in batch]]
+    sched.step()
     assert runner.decodes == [[s.key for s in batch]]
+
+
+def test_one_step_never_feeds_more_than_the_prefill_cap() -> None:
+    sched, runner, _ = scheduler(prefill_chunk=8, max_prefill_tokens=50)
+    batch = [sequence(prompt_tokens=20, max_tokens=5) for _ in range(4)]
+    sched.submit(*batch)
+    sched.step()
+    # Two whole prompts and the first 10 tokens of a third: 50 tokens.
+    keys = [s.key for s in batch]
+    assert runner.prefills[0] == [(keys[0], 0, 20), (keys[1], 0, 20), (keys[2], 0, 10)]
 
 
 def test_a_failed_prefill_fails_its_sequences_only() -> None:
@@ -278,28 +331,29 @@ def test_a_failed_prefill_fails_its_sequences_only() -> None:
     sched.step()
     assert doomed.finished and isinstance(doomed.error, RuntimeError)
     assert not running.finished and runner.decodes[-1] == [running.key]
-    assert any(o.sequence is doomed and o.finished for o in delivered)
+    assert any(o.key == doomed.key and o.finished and o.error for o in delivered)
     runner.fail_prefill = False
     after = sequence(max_tokens=2)
     sched.submit(after)
     sched.step()
+    sched.step()
     assert after.finished and after.error is None
 
 
-def test_a_failed_decode_fails_the_batch_and_the_next_one_runs() -> None:
+def test_a_failed_step_fails_the_batch_and_the_next_one_runs() -> None:
     sched, runner, _ = scheduler()
     rows = [sequence(max_tokens=100) for _ in range(3)]
     sched.submit(*rows)
     sched.step()
-    runner.fail_decode = True
+    runner.fail_launch = RuntimeError("decode broke")
     sched.step()
     assert all(s.finished and isinstance(s.error, RuntimeError) for s in rows)
     assert sched.running == 0
-    runner.fail_decode = False
+    runner.fail_launch = None
     after = sequence(max_tokens=3)
     sched.submit(after)
-    sched.step()
-    sched.step()
+    for _ in range(3):
+        sched.step()
     assert after.finish_reason is FinishReason.LENGTH
 
 
@@ -312,12 +366,12 @@ def test_close_cancels_everything() -> None:
     sched.step()
     assert running.finish_reason is FinishReason.CANCELLED
     assert waiting.finish_reason is FinishReason.CANCELLED
-    assert {o.sequence.key for o in delivered if o.finished} == {running.key, waiting.key}
+    assert set(finished_keys(delivered)) == {running.key, waiting.key}
 
 
-def test_admission_counts_the_padded_cache() -> None:
-    # Rows are left-padded to the longest: two rows of a 16-token sequence cost 32.
-    sched, _, _ = scheduler(max_batch_tokens=40)
+def test_admission_asks_the_runners_budget() -> None:
+    # The CPU budget counts padded rows: two rows of a 16-token sequence cost 32.
+    sched, _, _ = scheduler(FakeRunner(budget=FakeBudget(40)))
     long = sequence(prompt_tokens=12, max_tokens=4, name="long")  # 16 tokens
     short = [sequence(prompt_tokens=2, max_tokens=10, name=f"s{i}") for i in range(3)]  # 12 each
     sched.submit(long, *short)
@@ -325,17 +379,12 @@ def test_admission_counts_the_padded_cache() -> None:
     assert sched.running == 2 and sched.waiting == 2  # 3 x 16 > 40
 
 
-def test_a_batch_lost_in_prefill_fails_every_row() -> None:
+def test_a_batch_lost_in_a_step_fails_every_row() -> None:
     sched, runner, _ = scheduler()
     running = sequence(max_tokens=100, name="running")
     sched.submit(running)
     sched.step()
-
-    def lose(chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        runner.rows = []
-        raise BatchLostError("join failed")
-
-    runner.prefill = lose  # type: ignore[method-assign]
+    runner.fail_launch = BatchLostError("join failed")
     joining = sequence(name="joining")
     sched.submit(joining)
     sched.step()
@@ -343,22 +392,75 @@ def test_a_batch_lost_in_prefill_fails_every_row() -> None:
     assert sched.running == 0
 
 
-def test_a_text_failure_ends_only_its_own_sequence() -> None:
-    sched, runner, _ = scheduler()
-    good, bad = sequence(max_tokens=5, name="good"), sequence(max_tokens=5, name="bad")
-
-    def broken(token_id: int) -> str:
-        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
-
-    bad.assembler.add = broken  # type: ignore[method-assign]
-    sched.submit(good, bad)
+def test_a_released_row_leaves_at_the_next_step() -> None:
+    """The text side saw a stop sequence: the row is freed, the sequence ends."""
+    sched, runner, delivered = scheduler()
+    a, b = sequence(max_tokens=50, name="a"), sequence(max_tokens=50, name="b")
+    sched.submit(a, b)
     sched.step()
-    assert bad.finished and isinstance(bad.error, UnicodeDecodeError)
-    assert not good.finished and runner.rows == [good.key]
+    sched.release(a)
+    sched.step()
+    assert runner.removed[-1] == {a.key} and runner.decodes[-1] == [b.key]
+    assert a.finished and a.error is None
+    assert [o for o in delivered if o.key == a.key][-1].finished
+
+
+# -- one step in flight (a GPU runner) ---------------------------------------------------
+
+
+def test_the_next_step_is_launched_before_the_last_is_collected() -> None:
+    sched, runner, delivered = scheduler(FakeRunner(pipeline_depth=1))
+    a = sequence(max_tokens=4, name="a")
+    sched.submit(a)
+    for _ in range(3):
+        sched.step()
+    assert runner.calls == ["launch 1", "launch 2", "collect 1", "launch 3", "collect 2"]
+    assert tokens_of(delivered, a) == [7, 7]
+
+
+def test_rows_whose_every_token_is_planned_leave_before_the_last_one_arrives() -> None:
+    sched, runner, delivered = scheduler(FakeRunner(pipeline_depth=1))
+    a = sequence(max_tokens=3, name="a")
+    sched.submit(a)
+    for _ in range(5):
+        sched.step()
+    # Tokens 1 (prefill), 2 and 3 (decodes): its row leaves at step 4, with token 3
+    # still in flight, and no step computes a fourth.
+    assert runner.decodes == [[a.key], [a.key]]
+    assert runner.removed == [{a.key}]
+    assert tokens_of(delivered, a) == [7, 7, 7]
+    assert a.finish_reason is FinishReason.LENGTH and finished_keys(delivered) == [a.key]
+
+
+def test_a_token_computed_after_the_end_of_sequence_is_dropped() -> None:
+    runner = FakeRunner(pipeline_depth=1)
+    sched, _, delivered = scheduler(runner)
+    a = sequence(max_tokens=50, name="a")
+    sched.submit(a)
+    sched.step()
+    sched.step()  # token 2 launched
+    runner.eos_for.add(a.key)  # token 3 (launched next) is the end of sequence
+    sched.step()
+    sched.step()  # token 4 is launched before token 3 is seen
+    sched.step()
+    sched.step()
+    assert tokens_of(delivered, a) == [7, 7, EOS]
+    assert a.finish_reason is FinishReason.END_OF_SEQUENCE
+    assert len(runner.decodes) == 3 and runner.removed == [{a.key}]
+
+
+def test_an_idle_scheduler_collects_every_step_in_flight() -> None:
+    sched, runner, delivered = scheduler(FakeRunner(pipeline_depth=1))
+    a = sequence(max_tokens=1, name="a")
+    sched.submit(a)
+    sched.step()  # prefill, in flight
+    sched.step()  # nothing more to compute: the row is freed and the step collected
+    assert runner.calls == ["launch 1", "launch 2", "collect 1", "collect 2"]
+    assert a.finished and tokens_of(delivered, a) == [7]
 
 
 def test_the_thread_survives_a_failure_outside_the_model_steps() -> None:
-    """Even a failing row removal ends only the batch: streams get an error, not a hang."""
+    """Even a step whose tokens cannot be fetched ends only the batch: errors, no hang."""
     runner = FakeRunner()
     ended = threading.Event()
     delivered: list[StepOutput] = []
@@ -369,25 +471,19 @@ def test_the_thread_survives_a_failure_outside_the_model_steps() -> None:
             ended.set()
 
     sched = Scheduler(runner, BatchLimits(), deliver)
-    real_remove, failures = runner.remove, [RuntimeError("out of memory")]
-
-    def remove_once(keys: Collection[int]) -> None:
-        if failures:
-            raise failures.pop()
-        real_remove(keys)
-
-    runner.remove = remove_once  # type: ignore[method-assign]
     thread = threading.Thread(target=sched.run, daemon=True)
     thread.start()
     try:
         first = sequence(max_tokens=1, name="first")
-        other = sequence(max_tokens=100, name="other")
-        sched.submit(first, other)
+        sched.submit(first)
         assert ended.wait(10)
-        # first had its whole answer; other's row was lost with the batch: an error, no hang.
         assert first.finish_reason is FinishReason.LENGTH and first.error is None
+        ended.clear()
+        runner.fail_collect.append(RuntimeError("device lost"))
+        other = sequence(max_tokens=100, name="other")
+        sched.submit(other)
+        assert ended.wait(10)
         assert other.finished and isinstance(other.error, RuntimeError)
-        assert {o.sequence.key for o in delivered if o.finished} == {first.key, other.key}
         ended.clear()
         after = sequence(max_tokens=2, name="after")
         sched.submit(after)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 
 from llm_stream.app import load_configured_models
 from llm_stream.engine.types import (
+    CacheBudget,
     GenerationRequest,
     ModelBackend,
-    PrefillChunk,
     PreparedRequest,
+    StepPlan,
     StepRunner,
+    StepTokens,
     TextAssembler,
 )
 from llm_stream.settings import Settings
@@ -22,15 +24,14 @@ class RunnerWrapper:
 
     def __init__(self, inner: StepRunner) -> None:
         self.inner = inner
+        self.pipeline_depth = inner.pipeline_depth
+        self.budget: CacheBudget = inner.budget
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        return self.inner.prefill(chunks)
+    def launch(self, plan: StepPlan) -> None:
+        self.inner.launch(plan)
 
-    def decode(self) -> list[tuple[int, int]]:
-        return self.inner.decode()
-
-    def remove(self, keys: Collection[int]) -> None:
-        self.inner.remove(keys)
+    def collect(self) -> StepTokens:
+        return self.inner.collect()
 
     def reset(self) -> None:
         self.inner.reset()
@@ -43,6 +44,7 @@ class WrappedBackend:
         self._inner = inner
         self._wrap = wrap
         self.model_id, self.version, self.device = inner.model_id, inner.version, inner.device
+        self.execution = inner.execution
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return self._inner.prepare(request)
@@ -61,9 +63,10 @@ class SlowRunner(RunnerWrapper):
         super().__init__(inner)
         self._delay = delay
 
-    def decode(self) -> list[tuple[int, int]]:
-        time.sleep(self._delay)
-        return self.inner.decode()
+    def launch(self, plan: StepPlan) -> None:
+        if plan.decode:
+            time.sleep(self._delay)
+        self.inner.launch(plan)
 
 
 def slow_models(delay: float) -> Callable[[Settings], Sequence[ModelBackend]]:

@@ -3,12 +3,13 @@
 A request is prepared first (chat template, tokenizer, context check) on a
 small thread pool, so a bad request fails before it holds anything. It then
 becomes a :class:`Sequence` in its model's :class:`Scheduler`, whose thread runs
-the continuous batch. The scheduler hands each step's events to the event loop
-in one call; they land in the stream's own queue, which never blocks the batch:
-a slow reader's events wait there (a stream holds at most ``max_tokens`` small
-events), and its row goes on decoding. Leaving the stream for any reason
-(cancel, disconnect, deadline, drain) cancels the sequence, and its row is freed
-before the next decode step.
+the continuous batch, and a stream in the model's :class:`OutputStage`, whose
+thread turns each step's token ids into text. That stage hands each step's
+events to the event loop in one call; they land in the stream's own queue,
+which never blocks the batch: a slow reader's events wait there (a stream holds
+at most ``max_tokens`` small events), and its row goes on decoding. Leaving the
+stream for any reason (cancel, disconnect, deadline, drain) cancels the
+sequence, and its row is freed before the next decode step.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import Enum
 
+from llm_stream.engine.output import (
+    Event,
+    FinishedGeneration,
+    OutputStage,
+    PublishedStep,
+    StreamState,
+)
 from llm_stream.engine.scheduler import BatchLimits, Scheduler, StepOutput
 from llm_stream.engine.sequence import Sequence
 from llm_stream.engine.types import (
     Completion,
-    FinishReason,
     GenerationRequest,
     ModelBackend,
     SamplingParams,
@@ -46,27 +53,13 @@ from llm_stream.errors import (
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Engine", "EngineState", "FinishedGeneration", "StepTiming"]
+
 
 class EngineState(Enum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
-
-
-@dataclass(frozen=True)
-class FinishedGeneration:
-    """What a sequence did, recorded when it leaves the batch (for logs, metrics, tests)."""
-
-    request_id: str
-    model_id: str
-    finish_reason: FinishReason | None
-    completion_tokens: int
-    duration_s: float
-    error: str | None = None
-    # Seconds from submission to the first token (None when there was none).
-    first_token_s: float | None = None
-    # Scheduler steps between the cancel and the freed row (None when not cancelled).
-    steps_after_cancel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,17 @@ class StepTiming:
 class _Model:
     backend: ModelBackend
     scheduler: Scheduler
-    thread: threading.Thread
+    output: OutputStage
+    threads: tuple[threading.Thread, threading.Thread]
+
+
+@dataclass(eq=False)
+class _Stream:
+    """A submitted generation, as the event loop holds it."""
+
+    model: _Model
+    sequence: Sequence
+    outbox: asyncio.Queue[list[Event]]
 
 
 class Engine:
@@ -91,7 +94,7 @@ class Engine:
         self.limits = limits
         self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="llm-stream-prepare")
         self._models: dict[str, _Model] = {}
-        self._outboxes: dict[int, asyncio.Queue[StepOutput]] = {}
+        self._outboxes: dict[int, asyncio.Queue[list[Event]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.default_model_id = ""
         self.state = EngineState.STARTING
@@ -104,19 +107,32 @@ class Engine:
     # -- registry ------------------------------------------------------------
 
     def add_backend(self, backend: ModelBackend, default: bool = False) -> None:
-        """Serve this model: its scheduler thread starts now. Call on the event loop."""
-        self._loop = asyncio.get_running_loop()
+        """Serve this model: its scheduler and output threads start now. Call on the event loop."""
+        loop = self._loop = asyncio.get_running_loop()
         model_id = backend.model_id
 
+        def publish(step: PublishedStep) -> None:
+            try:
+                loop.call_soon_threadsafe(self._on_published, step)
+            except RuntimeError:  # the loop is gone (shutdown): keep the records only
+                self.finished.extend(step.finished)
+
+        # Each needs the other: the scheduler hands tokens to the output stage, which
+        # asks the scheduler to free the rows of streams its text has ended.
         def deliver(outputs: list[StepOutput]) -> None:
-            self._deliver_threadsafe(model_id, outputs)
+            output.put(outputs)
 
         scheduler = Scheduler(backend.new_runner(), self.limits, deliver)
-        thread = threading.Thread(
-            target=scheduler.run, name=f"llm-stream-batch-{model_id}", daemon=True
+        output = OutputStage(model_id, publish, scheduler.release, lambda: scheduler.running)
+        threads = (
+            threading.Thread(
+                target=scheduler.run, name=f"llm-stream-batch-{model_id}", daemon=True
+            ),
+            threading.Thread(target=output.run, name=f"llm-stream-text-{model_id}", daemon=True),
         )
-        self._models[model_id] = _Model(backend, scheduler, thread)
-        thread.start()
+        self._models[model_id] = _Model(backend, scheduler, output, threads)
+        for thread in threads:
+            thread.start()
         if default or not self.default_model_id:
             self.default_model_id = model_id
 
@@ -170,10 +186,10 @@ class Engine:
     ) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
         """Token events, then one StreamEnd. Leaving early stops the model."""
         self.check_accepting()
-        model, sequence = await self._prepare(request)
-        (outbox,) = self._submit(model, sequence)
+        model, state = await self._prepare(request)
+        (stream,) = self._submit(model, state)
         # Closed with this generator, so that leaving early cancels at once.
-        async with aclosing(self._events(model, sequence, outbox)) as events:
+        async with aclosing(self._events(stream)) as events:
             async for event in events:
                 yield event
 
@@ -196,13 +212,13 @@ class Engine:
             return_exceptions=True,
         )
         results: list[Completion | Exception] = []
-        accepted: dict[int, tuple[_Model, Sequence]] = {}
+        accepted: dict[int, tuple[_Model, StreamState]] = {}
         outcomes = iter(prepared)
         for item in items:
             outcome = item if isinstance(item, Exception) else next(outcomes)
             if not isinstance(outcome, BaseException):
                 try:  # an item that could never fit is that item's error, not the call's
-                    outcome[0].scheduler.check_budget(outcome[1])
+                    outcome[0].scheduler.check_budget(outcome[1].sequence)
                 except InvalidRequestError as exc:
                     outcome = exc
             if isinstance(outcome, BaseException):
@@ -211,14 +227,13 @@ class Engine:
                 accepted[len(results)] = outcome
                 results.append(UnavailableError("not run"))  # replaced below
         runs: list[tuple[int, asyncio.Task[Completion]]] = []
-        submitted: list[tuple[_Model, Sequence]] = []
+        submitted: list[_Stream] = []
         try:
             for model, group in _by_model(accepted).items():
-                outboxes = self._submit(model, *(sequence for _, sequence in group))
-                submitted += [(model, sequence) for _, sequence in group]
-                for (index, sequence), outbox in zip(group, outboxes, strict=True):
-                    run = asyncio.create_task(self._collect(model, sequence, outbox))
-                    runs.append((index, run))
+                streams = self._submit(model, *(state for _, state in group))
+                submitted += streams
+                for (index, _), stream in zip(group, streams, strict=True):
+                    runs.append((index, asyncio.create_task(self._collect(stream))))
             for index, run in runs:
                 try:
                     results[index] = await run
@@ -227,9 +242,9 @@ class Engine:
         except BaseException:  # refused for overload, or the client left: none goes on
             for _, run in runs:
                 run.cancel()
-            for model, sequence in submitted:
-                model.scheduler.cancel(sequence)
-                self._outboxes.pop(sequence.key, None)  # a task cancelled unstarted leaves it
+            for stream in submitted:
+                stream.model.scheduler.cancel(stream.sequence)
+                self._outboxes.pop(stream.sequence.key, None)  # a task cancelled unstarted
             raise
         latency_ms = (time.monotonic() - started) * 1000
         for index, result in enumerate(results):
@@ -258,60 +273,59 @@ class Engine:
     # -- the path every request takes -----------------------------------------
 
     async def _complete(self, request: GenerationRequest) -> Completion:
-        model, sequence = await self._prepare(request)
-        (outbox,) = self._submit(model, sequence)
-        return await self._collect(model, sequence, outbox)
+        model, state = await self._prepare(request)
+        (stream,) = self._submit(model, state)
+        return await self._collect(stream)
 
-    async def _prepare(self, request: GenerationRequest) -> tuple[_Model, Sequence]:
+    async def _prepare(self, request: GenerationRequest) -> tuple[_Model, StreamState]:
         model = self._model(request.model_id)
         backend = model.backend
 
-        def prepare() -> Sequence:
+        def prepare() -> StreamState:
             prepared = backend.prepare(request)
-            return Sequence(prepared, backend.text_assembler(prepared))
+            return StreamState(Sequence(prepared), backend.text_assembler(prepared))
 
         loop = asyncio.get_running_loop()
         return model, await loop.run_in_executor(self._prepare_pool, prepare)
 
-    def _submit(self, model: _Model, *sequences: Sequence) -> list[asyncio.Queue[StepOutput]]:
-        outboxes: list[asyncio.Queue[StepOutput]] = []
-        for sequence in sequences:
-            outboxes.append(asyncio.Queue())
-            self._outboxes[sequence.key] = outboxes[-1]
+    def _submit(self, model: _Model, *states: StreamState) -> list[_Stream]:
+        streams: list[_Stream] = []
+        for state in states:
+            stream = _Stream(model, state.sequence, asyncio.Queue())
+            streams.append(stream)
+            self._outboxes[state.sequence.key] = stream.outbox
+            model.output.register(state)
         try:
-            model.scheduler.submit(*sequences)
+            model.scheduler.submit(*(state.sequence for state in states))
         except BaseException:
-            for sequence in sequences:
-                del self._outboxes[sequence.key]
+            for state in states:
+                del self._outboxes[state.sequence.key]
+                model.output.forget(state.sequence.key)
             raise
-        return outboxes
+        return streams
 
-    async def _events(
-        self, model: _Model, sequence: Sequence, outbox: asyncio.Queue[StepOutput]
-    ) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
+    async def _events(self, stream: _Stream) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
         ended = False
         try:
             while not ended:
-                output = await outbox.get()
-                for event in output.events:
+                for event in await stream.outbox.get():
+                    if isinstance(event, BaseException):
+                        ended = True
+                        raise event
                     yield event
-                if output.finished:
-                    ended = True
-                    if sequence.error is not None:
-                        raise sequence.error
-                    yield sequence.end_event()
+                    if isinstance(event, StreamEnd):
+                        ended = True
+                        break
         finally:
             if not ended:
-                model.scheduler.cancel(sequence)
-            self._outboxes.pop(sequence.key, None)
+                stream.model.scheduler.cancel(stream.sequence)
+            self._outboxes.pop(stream.sequence.key, None)
 
-    async def _collect(
-        self, model: _Model, sequence: Sequence, outbox: asyncio.Queue[StepOutput]
-    ) -> Completion:
+    async def _collect(self, stream: _Stream) -> Completion:
         started = time.monotonic()
         parts: list[str] = []
         end: StreamEnd | None = None
-        async with aclosing(self._events(model, sequence, outbox)) as events:
+        async with aclosing(self._events(stream)) as events:
             async for event in events:
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
@@ -323,71 +337,22 @@ class Engine:
             finish_reason=end.finish_reason,
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
-            model_version=model.backend.version,
+            model_version=stream.model.backend.version,
             latency_ms=(time.monotonic() - started) * 1000,
         )
 
-    # -- scheduler thread -> event loop ----------------------------------------
+    # -- output threads -> event loop ----------------------------------------
 
-    def _deliver_threadsafe(self, model_id: str, outputs: list[StepOutput]) -> None:
-        loop = self._loop
-        try:
-            if loop is None:
-                raise RuntimeError("no loop")
-            loop.call_soon_threadsafe(self._on_outputs, model_id, outputs)
-        except RuntimeError:  # the loop is gone (shutdown): keep the records only
-            for output in outputs:
-                if output.finished:
-                    self.finished.append(self._record(model_id, output.sequence))
-
-    def _on_outputs(self, model_id: str, outputs: list[StepOutput]) -> None:
-        timing = StepTiming(model_id, self._models[model_id].scheduler.running)
-        for output in outputs:
-            if output.first_token_s is not None:
-                timing.first_token_s.append(output.first_token_s)
-            timing.inter_token_s.extend(output.inter_token_s)
-            outbox = self._outboxes.get(output.sequence.key)
+    def _on_published(self, step: PublishedStep) -> None:
+        for key, events in step.events:
+            outbox = self._outboxes.get(key)
             if outbox is not None:
-                outbox.put_nowait(output)
-            if output.finished:
-                self._on_finished(self._record(model_id, output.sequence))
+                outbox.put_nowait(events)
+        for record in step.finished:
+            self._on_finished(record)
+        timing = StepTiming(step.model_id, step.batch_rows, step.first_token_s, step.inter_token_s)
         for listener in self.timing_listeners:
             listener(timing)
-
-    def _record(self, model_id: str, sequence: Sequence) -> FinishedGeneration:
-        now = time.monotonic()
-        steps_after_cancel = None
-        if sequence.cancel_step is not None and sequence.freed_step is not None:
-            steps_after_cancel = sequence.freed_step - sequence.cancel_step
-        record = FinishedGeneration(
-            request_id=sequence.request_id,
-            model_id=model_id,
-            finish_reason=sequence.finish_reason,
-            completion_tokens=sequence.assembler.count,
-            duration_s=now - sequence.submitted_at,
-            error=None if sequence.error is None else repr(sequence.error),
-            first_token_s=(
-                None
-                if sequence.first_token_at is None
-                else sequence.first_token_at - sequence.submitted_at
-            ),
-            steps_after_cancel=steps_after_cancel,
-        )
-        log.info(
-            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s, first after %s)"
-            "%s%s",
-            record.request_id,
-            record.finish_reason.value if record.finish_reason else "error",
-            record.completion_tokens,
-            record.duration_s,
-            record.completion_tokens / record.duration_s if record.duration_s > 0 else 0.0,
-            "-" if record.first_token_s is None else f"{record.first_token_s * 1000:.0f} ms",
-            f" error={record.error}" if record.error else "",
-            f" client={sequence.prepared.request.client}"
-            if sequence.prepared.request.client
-            else "",
-        )
-        return record
 
     def _on_finished(self, record: FinishedGeneration) -> None:
         self.finished.append(record)
@@ -398,7 +363,7 @@ class Engine:
                 waiter.set_result(record)
 
     async def wait_finished(self, request_id: str, timeout: float) -> FinishedGeneration:
-        """Wait until the sequence of ``request_id`` has left its batch (tests and drain)."""
+        """Wait until the stream of ``request_id`` has ended (tests and drain)."""
         for record in self.finished:
             if record.request_id == request_id:
                 return record
@@ -414,7 +379,7 @@ class Engine:
             model.scheduler.cancel_all()
 
     async def close(self, timeout_s: float = 60.0) -> None:
-        """Cancel everything and wait for each scheduler thread to finish its step.
+        """Cancel everything and wait for each model's threads to finish.
 
         A thread left inside a torch call when the interpreter exits aborts the
         process, so the threads are joined (off the event loop) before it does.
@@ -424,11 +389,14 @@ class Engine:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         loop = asyncio.get_running_loop()
         for model in self._models.values():
-            await loop.run_in_executor(None, model.thread.join, timeout_s)
-            if model.thread.is_alive():
+            batch, text = model.threads
+            await loop.run_in_executor(None, batch.join, timeout_s)
+            if batch.is_alive():
                 log.warning(
                     "the batch of %s did not stop within %.0f s", model.backend.model_id, timeout_s
                 )
+            model.output.close()
+            await loop.run_in_executor(None, text.join, timeout_s)
 
 
 def _as_exception(outcome: BaseException) -> Exception:
@@ -438,10 +406,10 @@ def _as_exception(outcome: BaseException) -> Exception:
 
 
 def _by_model(
-    accepted: dict[int, tuple[_Model, Sequence]],
-) -> dict[_Model, list[tuple[int, Sequence]]]:
+    accepted: dict[int, tuple[_Model, StreamState]],
+) -> dict[_Model, list[tuple[int, StreamState]]]:
     """Accepted items grouped by model, each with its place in the answer."""
-    groups: dict[_Model, list[tuple[int, Sequence]]] = {}
+    groups: dict[_Model, list[tuple[int, StreamState]]] = {}
     for index, (model, sequence) in accepted.items():
         groups.setdefault(model, []).append((index, sequence))
     return groups

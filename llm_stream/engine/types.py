@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,6 +99,9 @@ class PreparedRequest:
     prompt_ids: tuple[int, ...]
     # max_tokens, clamped to the room the model's context leaves.
     max_new_tokens: int
+    # Token ids that end generation (the model's end-of-sequence ids): the scheduler
+    # frees a row on them without waiting for its text.
+    stop_token_ids: frozenset[int] = frozenset()
 
     @property
     def token_cost(self) -> int:
@@ -132,35 +135,82 @@ class PrefillChunk:
         return self.end == len(self.prepared.prompt_ids)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One step of the batch, as the scheduler decides it; the runner carries it out.
+
+    In this order: the rows of ``remove`` leave; if ``decode``, every row in the
+    decode batch gets one token; then the ``prefill`` chunks are fed, and a chunk
+    that completes its prompt samples the sequence's first token and joins the
+    decode batch, decoding from the next step on.
+    """
+
+    step: int
+    remove: tuple[int, ...] = ()
+    decode: bool = False
+    prefill: tuple[PrefillChunk, ...] = ()
+
+    @property
+    def computes(self) -> bool:
+        return self.decode or bool(self.prefill)
+
+
+@dataclass(frozen=True)
+class StepTokens:
+    """What one step produced: plain values, safe to hand to any thread."""
+
+    step: int
+    # (key, token id): first tokens of completed prompts and decoded tokens, in row order.
+    tokens: tuple[tuple[int, int], ...] = ()
+    # Prefill chunks that failed, by key; their rows never joined, the batch is intact.
+    failed: tuple[tuple[int, BaseException], ...] = ()
+
+
 class BatchLostError(Exception):
     """The runner lost its decode batch (and has reset it): every row in it has to fail."""
 
 
-class StepRunner(Protocol):
-    """The model's step primitives, driven by the scheduler on its own thread.
+class CacheBudget(Protocol):
+    """What the KV cache layout can hold; the scheduler admits by it (no torch here)."""
 
-    Rows are named by the scheduler's sequence keys. A sequence whose prompt
-    is complete joins the decode batch and gets its first token from
-    ``prefill``; every later token comes from ``decode``.
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The largest prompt + max_tokens one sequence may have, even alone."""
+        ...
+
+    @property
+    def limit_hint(self) -> str:
+        """The setting that bounds it, for error messages (e.g. ``--max-batch-tokens``)."""
+        ...
+
+    def admits(self, costs: Sequence[int], candidate: int) -> bool:
+        """Whether a sequence of ``candidate`` tokens fits beside rows of ``costs``."""
+        ...
+
+
+class StepRunner(Protocol):
+    """The model's side of the batch, driven by the scheduler on its own thread.
+
+    Rows are named by the scheduler's sequence keys. ``launch`` starts a step and
+    may return before the device has finished it; ``collect`` waits for the oldest
+    launched step and returns its tokens. A runner with ``pipeline_depth`` 1 lets
+    the scheduler launch step N+1 before collecting step N, so the host prepares
+    the next step while the device computes this one.
     """
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        """Feed these prompt chunks; per chunk, the first token once its prompt is complete.
+    pipeline_depth: int
+    budget: CacheBudget
 
-        Raises BatchLostError when a failure damaged the decode batch itself.
-        """
+    def launch(self, plan: StepPlan) -> None:
+        """Start ``plan``; raises when the decode batch itself is lost."""
         ...
 
-    def decode(self) -> list[tuple[int, int]]:
-        """One step for every row of the decode batch: (key, next token) per row."""
-        ...
-
-    def remove(self, keys: Collection[int]) -> None:
-        """Drop these rows (and their cache) from wherever they are."""
+    def collect(self) -> StepTokens:
+        """The tokens of the oldest launched, uncollected step (waits for them)."""
         ...
 
     def reset(self) -> None:
-        """Drop every row (after a failed step)."""
+        """Drop every row and every step in flight (after a failure)."""
         ...
 
 
@@ -174,6 +224,8 @@ class ModelBackend(Protocol):
     model_id: str
     version: str
     device: str
+    # What the ready line reports about the model's execution (attention, graphs...).
+    execution: str
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and check; InvalidRequestError when the request cannot be served."""

@@ -29,21 +29,19 @@ class HFBackend:
         tokenizer: Any,
         version: str,
         device: torch.device,
+        *,
+        runner: HFStepRunner,
+        execution: str,
     ) -> None:
         self.model_id = model_id
         self.version = version
         self.device = str(device)
+        self.execution = execution
         self._model = model
         self._tokenizer = tokenizer
-        self._torch_device = device
+        self._runner = runner
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        eos = model.generation_config.eos_token_id
-        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(int(tokenizer.eos_token_id))
-        self._eos_ids = frozenset(eos_ids)
-        pad = tokenizer.pad_token_id
-        self._pad_id = int(pad if pad is not None else min(self._eos_ids, default=0))
+        self._eos_ids = eos_token_ids(model, tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     # -- preparation -------------------------------------------------------
@@ -67,7 +65,9 @@ class HFBackend:
                 f"model {self.model_id!r}'s context of {self.context_length} tokens; "
                 f"ask for at most {room} tokens or shorten {what}"
             )
-        return PreparedRequest(request, tuple(ids), min(sampling.max_tokens, room))
+        return PreparedRequest(
+            request, tuple(ids), min(sampling.max_tokens, room), stop_token_ids=self._eos_ids
+        )
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages:
@@ -100,4 +100,19 @@ class HFBackend:
         )
 
     def new_runner(self) -> HFStepRunner:
-        return HFStepRunner(self._model, self._torch_device, self._pad_id)
+        """The runner built at load (its KV cache and CUDA graphs are the model's own)."""
+        return self._runner
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends generation: the generation config's and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def pad_token_id(tokenizer: Any, eos_ids: frozenset[int]) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else min(eos_ids, default=0))

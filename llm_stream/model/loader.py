@@ -21,10 +21,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llm_stream.errors import ModelLoadError
-from llm_stream.model.backend import HFBackend
+from llm_stream.model.backend import HFBackend, eos_token_ids, pad_token_id
 from llm_stream.model.device import resolve_device, resolve_dtype
-from llm_stream.model.kv_batch import unsupported_cache_layers
-from llm_stream.model.sources import ModelSpec
+from llm_stream.model.execution import ExecutionOptions, build_runner
+from llm_stream.model.random_weights import random_model
+from llm_stream.model.slots import unsupported_cache_layers
+from llm_stream.model.sources import ModelSpec, embedded_gguf_path
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,14 @@ def cached_file_digest(paths: list[Path], cache_dir: Path) -> str:
     return digest
 
 
-def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: Path) -> HFBackend:
+def load_backend(
+    spec: ModelSpec,
+    device_name: str,
+    dtype_name: str,
+    cache_dir: Path,
+    options: ExecutionOptions | None = None,
+) -> HFBackend:
+    """Load ``spec`` onto its device and build its runner (KV cache, CUDA graphs)."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     started = time.monotonic()
@@ -85,6 +94,11 @@ def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: 
         if spec.kind == "gguf":
             folder, version = _converted_gguf(Path(spec.location), cache_dir)
             model, tokenizer = _from_folder(str(folder), dtype)
+        elif spec.kind == "random":
+            tokenizer_dir = Path(spec.tokenizer) if spec.tokenizer else None
+            if tokenizer_dir is None:
+                tokenizer_dir, _ = _converted_gguf(embedded_gguf_path(), cache_dir)
+            model, tokenizer, version = random_model(spec.location, tokenizer_dir, dtype, device)
         elif spec.kind == "directory":
             folder = Path(spec.location)
             weights = [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
@@ -110,12 +124,16 @@ def load_backend(spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: 
     log.info(
         "loaded model %s version %s in %.1f s", spec.model_id, version, time.monotonic() - started
     )
-    return HFBackend(spec.model_id, model, tokenizer, version, device)
+    pad_id = pad_token_id(tokenizer, eos_token_ids(model, tokenizer))
+    runner, execution = build_runner(model, device, pad_id, options or ExecutionOptions())
+    return HFBackend(
+        spec.model_id, model, tokenizer, version, device, runner=runner, execution=execution
+    )
 
 
 def _from_folder(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     return model, tokenizer
 
 
@@ -123,7 +141,9 @@ def _from_hub(spec: ModelSpec, dtype: torch.dtype, cache_dir: Path) -> tuple[Any
     hub_cache = str(cache_dir / "hub")
     kwargs: dict[str, Any] = {"revision": spec.revision, "cache_dir": hub_cache}
     tokenizer = AutoTokenizer.from_pretrained(spec.location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(spec.location, dtype=dtype, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.location, dtype=dtype, attn_implementation="sdpa", **kwargs
+    )
     commit = getattr(model.config, "_commit_hash", None) or spec.revision or "unknown-revision"
     return model, tokenizer, f"{spec.location}@{commit}"
 

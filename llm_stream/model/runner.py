@@ -1,30 +1,44 @@
-"""The step primitives of one loaded model: prefill, decode one step, drop rows.
+"""The step runner of one loaded model: carries out the scheduler's plans.
 
-Implements the engine's ``StepRunner``. The decode batch is one left-padded KV
-cache (:mod:`llm_stream.model.kv_batch`); whole prompts that arrive together
+Implements the engine's ``StepRunner``. The decode batch is a
+:class:`~llm_stream.model.slots.SlotBatch`; whole prompts that arrive together
 are prefilled as padded batches of similar lengths, and a prompt that the
 scheduler splits into chunks builds its own one-row cache until its last chunk,
-then joins. Runs on the model's scheduler thread only.
+then joins. Tokens are chosen on the device (:mod:`llm_stream.model.sampling`).
+
+On a GPU a step is only queued: ``launch`` returns once the device has the
+work, and the one device-to-host copy of the chosen tokens is waited for in
+``collect``, which the scheduler calls after launching the next step. The
+decode forward itself is replayed from a CUDA graph where one was captured
+(:mod:`llm_stream.model.cuda_graphs`). Runs on the model's scheduler thread only.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from llm_stream.engine.types import BatchLostError, PrefillChunk
-from llm_stream.model.kv_batch import (
-    KVBatch,
-    append,
-    decode_step,
-    extend_row,
-    forward_prompts,
-    remove_rows,
+from llm_stream.engine.types import (
+    BatchLostError,
+    CacheBudget,
+    PrefillChunk,
+    StepPlan,
+    StepTokens,
 )
-from llm_stream.model.sampling import RowSampler, choose_tokens, make_row_sampler
+from llm_stream.model.cuda_graphs import DecodeGraphs
+from llm_stream.model.sampling import BatchSampler
+from llm_stream.model.slots import (
+    PartialPrompt,
+    SlotBatch,
+    extend_prompt,
+    forward_prompts,
+    start_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,107 +64,196 @@ def group_by_length(lengths: Sequence[int]) -> list[list[int]]:
     return groups
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device, and where its tokens will land."""
+
+    step: int
+    keys: list[int] = field(default_factory=list)
+    tokens: torch.Tensor | None = None  # on the host (pinned on a GPU), filled by a copy
+    done: torch.cuda.Event | None = None
+    failed: list[tuple[int, BaseException]] = field(default_factory=list)
+
+
 class HFStepRunner:
-    def __init__(self, model: Any, device: torch.device, pad_id: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        batch: SlotBatch,
+        budget: CacheBudget,
+        *,
+        pad_id: int,
+        vocab: int,
+    ) -> None:
         self._model = model
-        self._device = device
+        self._batch = batch
+        self._device = batch.device
         self._pad_id = pad_id
-        self._batch: KVBatch | None = None
-        self._order: list[int] = []
-        self._last: torch.Tensor | None = None  # [rows]: the token each row feeds next
-        self._samplers: dict[int, RowSampler] = {}
-        self._partial: dict[int, KVBatch] = {}  # one-row caches of chunked prompts
+        self.budget = budget
+        self.pipeline_depth = 1 if self._device.type == "cuda" else 0
+        self._sampler = BatchSampler(batch.capacity_rows, vocab, self._device)
+        self._partial: dict[int, PartialPrompt] = {}
+        self._in_flight: collections.deque[_Launched] = collections.deque()
+        self.graphs: DecodeGraphs | None = None
 
     @property
     def rows(self) -> int:
-        return len(self._order)
+        return self._batch.rows
+
+    # -- the seam ----------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> list[int | None]:
-        results: list[int | None] = [None] * len(chunks)
-        joining: list[tuple[KVBatch, list[int], list[int]]] = []
-        whole = [i for i, c in enumerate(chunks) if c.start == 0 and c.completes_prompt]
-        whole_set = set(whole)
-        lengths = [len(chunks[i].prepared.prompt_ids) for i in whole]
-        for group in group_by_length(lengths):
-            members = [chunks[whole[g]] for g in group]
-            batch, logits = forward_prompts(
-                self._model, [c.prepared.prompt_ids for c in members], self._pad_id, self._device
-            )
-            tokens = self._first_tokens(members, logits)
-            for g, token in zip(group, tokens, strict=True):
-                results[whole[g]] = token
-            joining.append((batch, [c.key for c in members], tokens))
-        for index, chunk in enumerate(chunks):
-            if index in whole_set:
-                continue
-            part = chunk.prepared.prompt_ids[chunk.start : chunk.end]
-            if chunk.start == 0:
-                batch, logits = forward_prompts(self._model, [part], self._pad_id, self._device)
-                self._partial[chunk.key] = batch
+    def launch(self, plan: StepPlan) -> None:
+        launched = _Launched(plan.step)
+        parts: list[torch.Tensor] = []
+        self._remove(plan.remove)
+        if plan.decode and self._batch.rows:
+            launched.keys.extend(self._batch.keys)
+            parts.append(self._decode())
+        for keys, first in self._prefill(plan.prefill, launched.failed):
+            launched.keys.extend(keys)
+            parts.append(first)
+        if parts:
+            tokens = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if self._device.type == "cuda":
+                # The step's one device-to-host copy; collect() waits for it.
+                launched.tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                launched.tokens.copy_(tokens, non_blocking=True)
+                launched.done = torch.cuda.Event()
+                launched.done.record()
             else:
-                batch = self._partial[chunk.key]
-                logits = extend_row(self._model, batch, part)
-            if chunk.completes_prompt:
-                del self._partial[chunk.key]
-                tokens = self._first_tokens([chunk], logits)
-                results[index] = tokens[0]
-                joining.append((batch, [chunk.key], tokens))
-        try:
-            self._join(joining)
-        except Exception as exc:  # some layers may hold the new rows and others not
-            self.reset()
-            raise BatchLostError("adding prefilled rows to the batch failed") from exc
-        return results
+                launched.tokens = tokens
+        self._in_flight.append(launched)
 
-    def _first_tokens(self, chunks: Sequence[PrefillChunk], logits: torch.Tensor) -> list[int]:
-        for chunk in chunks:
-            self._samplers[chunk.key] = make_row_sampler(
-                chunk.prepared.request.sampling, chunk.prepared.prompt_ids, self._device
-            )
-        return choose_tokens(logits, [self._samplers[c.key] for c in chunks])
-
-    def _join(self, joining: Sequence[tuple[KVBatch, list[int], list[int]]]) -> None:
-        last = [] if self._last is None else [self._last]
-        for batch, keys, tokens in joining:
-            if self._batch is None:
-                self._batch = batch
-            else:
-                append(self._batch, batch)
-            self._order.extend(keys)
-            last.append(torch.tensor(tokens, dtype=torch.long, device=self._device))
-        if last:
-            self._last = torch.cat(last)
-
-    @torch.inference_mode()
-    def decode(self) -> list[tuple[int, int]]:
-        if self._batch is None or self._last is None:
-            return []
-        logits = decode_step(self._model, self._batch, self._last)
-        tokens = choose_tokens(logits, [self._samplers[key] for key in self._order])
-        self._last = torch.tensor(tokens, dtype=torch.long, device=self._device)
-        return list(zip(self._order, tokens, strict=True))
-
-    @torch.inference_mode()
-    def remove(self, keys: Collection[int]) -> None:
-        for key in keys:
-            self._partial.pop(key, None)
-            self._samplers.pop(key, None)
-        drop = [i for i, key in enumerate(self._order) if key in keys]
-        if not drop:
-            return
-        if len(drop) == len(self._order):
-            # The decode batch is empty; prompts still being fed in chunks stay.
-            self._batch, self._last, self._order = None, None, []
-            return
-        assert self._batch is not None and self._last is not None
-        order = remove_rows(self._batch, drop)
-        self._last = self._last[order]
-        self._order = [self._order[i] for i in order]
+    def collect(self) -> StepTokens:
+        launched = self._in_flight.popleft()
+        if launched.done is not None:
+            launched.done.synchronize()
+        values = [] if launched.tokens is None else launched.tokens.tolist()
+        return StepTokens(
+            launched.step,
+            tuple(zip(launched.keys, values, strict=True)),
+            tuple(launched.failed),
+        )
 
     def reset(self) -> None:
-        self._batch = None
-        self._last = None
-        self._order = []
-        self._samplers.clear()
+        self._in_flight.clear()
         self._partial.clear()
+        self._batch.reset()
+        self._sampler.clear(slice(0, self._sampler.rows))
+
+    # -- leaving ---------------------------------------------------------------------
+
+    def _remove(self, keys: Collection[int]) -> None:
+        if not keys:
+            return
+        for key in keys:
+            self._partial.pop(key, None)
+        before = self._batch.rows
+        moves = self._batch.remove(list(keys))
+        if moves:
+            transfer = self._batch.transfer
+            self._sampler.move(
+                transfer.to_device([t for t, _ in moves], torch.long),
+                transfer.to_device([s for _, s in moves], torch.long),
+                moves,
+            )
+        self._sampler.clear(slice(self._batch.rows, before))
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def _decode(self) -> torch.Tensor:
+        batch = self._batch
+        rows = batch.rows
+        width = max(batch.lengths) + 1
+        if self.graphs is not None:
+            logits = self.graphs.replay(rows, width)[:rows]
+        else:
+            batch.ensure(rows, width)  # this step writes at width - 1, and opens width
+            logits = self.forward_decode(rows, width)
+        tokens = self._sampler.sample(logits, slice(0, rows), batch.pos[:rows] + 1)
+        self._sampler.record(tokens, slice(0, rows))
+        batch.advance(tokens)
+        return tokens
+
+    def forward_decode(self, rows: int, width: int) -> torch.Tensor:
+        """The decode forward of slots ``[0, rows)`` over ``width`` positions: [rows, vocab] logits.
+
+        What a CUDA graph captures: every input is a slice of the batch's fixed buffers.
+        """
+        out = self._model(**self._batch.decode_inputs(rows, width), logits_to_keep=1)
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def _prefill(
+        self, chunks: Sequence[PrefillChunk], failed: list[tuple[int, BaseException]]
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Feed the chunks; returns, per group that joined, its keys and first tokens."""
+        joined: list[tuple[list[int], torch.Tensor]] = []
+        whole = [c for c in chunks if c.start == 0 and c.completes_prompt]
+        for group in group_by_length([len(c.prepared.prompt_ids) for c in whole]):
+            members = [whole[g] for g in group]
+            try:
+                cache, logits = forward_prompts(
+                    self._model,
+                    [c.prepared.prompt_ids for c in members],
+                    self._pad_id,
+                    self._device,
+                )
+            except Exception as exc:  # a failed prefill fails its own sequences only
+                failed.extend((c.key, exc) for c in members)
+                continue
+            lengths = [len(c.prepared.prompt_ids) for c in members]
+            joined.append(self._join(members, cache, lengths, logits))
+        for chunk in chunks:
+            if chunk.start == 0 and chunk.completes_prompt:
+                continue
+            part = chunk.prepared.prompt_ids[chunk.start : chunk.end]
+            try:
+                if chunk.start == 0:
+                    partial, logits = start_prompt(self._model, part, self._device)
+                    self._partial[chunk.key] = partial
+                else:
+                    if chunk.key not in self._partial:
+                        raise RuntimeError("an earlier chunk of this prompt failed")
+                    partial = self._partial[chunk.key]
+                    logits = extend_prompt(self._model, partial, part, self._device)
+            except Exception as exc:
+                self._partial.pop(chunk.key, None)
+                failed.append((chunk.key, exc))
+                continue
+            if chunk.completes_prompt:
+                del self._partial[chunk.key]
+                joined.append(self._join([chunk], partial.cache, [partial.length], logits))
+        return joined
+
+    def _join(
+        self,
+        chunks: Sequence[PrefillChunk],
+        cache: Any,
+        lengths: Sequence[int],
+        logits: torch.Tensor,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Add prefilled rows to the decode batch with their first tokens."""
+        batch, sampler = self._batch, self._sampler
+        try:
+            first = batch.rows
+            batch.ensure(first + len(chunks), max(lengths))
+            sampler.grow(batch.capacity_rows)
+            slots = slice(first, first + len(chunks))
+            sampler.place(
+                first,
+                [c.prepared.request.sampling for c in chunks],
+                [c.prepared.prompt_ids for c in chunks],
+            )
+            positions = batch.transfer.to_device(list(lengths), torch.long)
+            tokens = sampler.sample(logits, slots, positions)
+            sampler.record(tokens, slots)
+            keys = [c.key for c in chunks]
+            batch.join(keys, cache, lengths, tokens)
+        except Exception as exc:  # some buffers may hold the new rows and others not
+            self.reset()
+            raise BatchLostError("adding prefilled rows to the batch failed") from exc
+        return keys, tokens

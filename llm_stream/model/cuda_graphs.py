@@ -1,0 +1,105 @@
+"""CUDA graphs of the decode forward: one per (rows, width) bucket, replayed every step.
+
+An eager decode step of a Hugging Face model is hundreds of small kernel
+launches from Python: on a fast GPU the launches, not the kernels, set its
+pace. Captured once as a CUDA graph, the same forward replays with one launch.
+A graph has fixed shapes, so the batch's rows are padded up to a rows bucket
+(padded rows compute on free slots and are ignored) and attention reads a
+width bucket of positions, the smallest that holds every row: attention costs
+what the rows' real lengths need, within a bucket's rounding, never the whole
+capacity. All graphs share one memory pool, captured largest first, since
+only one replays at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Attention widths below this cost no more than this one does.
+_SMALLEST_WIDTH = 256
+
+
+def rows_buckets(most: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 rows, up to ``most`` (included)."""
+    buckets = [b for b in (1, 2, 4, 8) if b < most]
+    buckets += list(range(16, most, 8))
+    return sorted({*buckets, most})
+
+
+def width_buckets(most: int, smallest: int = _SMALLEST_WIDTH) -> list[int]:
+    """Doubling widths from ``smallest`` up to ``most`` (included)."""
+    buckets = []
+    width = smallest
+    while width < most:
+        buckets.append(width)
+        width *= 2
+    return [*buckets, most]
+
+
+@dataclass(frozen=True)
+class CaptureReport:
+    graphs: int
+    seconds: float
+    pool_bytes: int
+
+
+class DecodeGraphs:
+    """Captured decode forwards by (rows, width) bucket."""
+
+    def __init__(self, rows: Sequence[int], widths: Sequence[int]) -> None:
+        self.rows = sorted(rows)
+        self.widths = sorted(widths)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def bucket(self, rows: int, width: int) -> tuple[int, int]:
+        """The smallest bucket holding ``rows`` rows of ``width`` positions."""
+        r = bisect.bisect_left(self.rows, rows)
+        w = bisect.bisect_left(self.widths, width)
+        if r == len(self.rows) or w == len(self.widths):
+            raise ValueError(f"{rows} rows x {width} positions exceed every captured bucket")
+        return self.rows[r], self.widths[w]
+
+    def capture(
+        self, forward: Callable[[int, int], torch.Tensor], device: torch.device
+    ) -> CaptureReport:
+        """Capture ``forward(rows, width)`` for every bucket (raises torch.OutOfMemoryError)."""
+        started = time.monotonic()
+        torch.cuda.synchronize(device)
+        reserved = torch.cuda.memory_reserved(device)
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device)
+        for rows in reversed(self.rows):
+            for width in reversed(self.widths):
+                # A first eager run on a side stream initialises what the kernels need
+                # (library handles, workspaces) outside the capture.
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    forward(rows, width)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = forward(rows, width)
+                self._graphs[(rows, width)] = (graph, logits)
+        torch.cuda.synchronize(device)
+        return CaptureReport(
+            len(self._graphs),
+            time.monotonic() - started,
+            torch.cuda.memory_reserved(device) - reserved,
+        )
+
+    def replay(self, rows: int, width: int) -> torch.Tensor:
+        """Run the bucket's graph; returns its logits ``[bucket rows, vocab]``."""
+        graph, logits = self._graphs[self.bucket(rows, width)]
+        graph.replay()
+        return logits

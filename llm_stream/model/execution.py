@@ -1,0 +1,240 @@
+"""How a loaded model runs: its attention kernels, its KV budget and its CUDA graphs.
+
+Decided once, at load, before health turns SERVING:
+
+- **Attention**: torch's ``scaled_dot_product_attention``, with cuDNN's backend
+  turned off on CUDA: cuDNN builds an execution plan for every new shape, and an
+  eager step whose KV width grows by one is a new shape every step (measured on
+  an H200: 78% of the step thread in planning, GPU 5-10% busy). The masked
+  decode then runs the memory-efficient kernel, unpadded prefill runs flash.
+- **KV budget**: on the CPU the batch grows as it needs, bounded by
+  ``--max-batch-tokens``; on a GPU every row gets a fixed slot, sized from the
+  memory left after the weights, the largest prefill's activations and the
+  graphs (``--gpu-memory-utilization``), so that nothing is allocated per step.
+- **CUDA graphs** (``--cuda-graphs auto``): the decode forward captured per
+  (rows, width) bucket, replayed every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from llm_stream.errors import ModelLoadError
+from llm_stream.model.cuda_graphs import DecodeGraphs, rows_buckets, width_buckets
+from llm_stream.model.runner import HFStepRunner
+from llm_stream.model.slots import POSITION_ALIGN, LayerShape, SlotBatch, probe_layers, round_up
+
+log = logging.getLogger(__name__)
+
+_MIB = 1024 * 1024
+# The fewest tokens a GPU row may hold before the KV budget counts as too small.
+_MIN_ROW_TOKENS = 256
+# Head-room on the measured activation peaks (allocator rounding, fragmentation).
+_ACTIVATION_MARGIN = 1.25
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """The settings that shape a model's runner (from :class:`~llm_stream.settings.Settings`)."""
+
+    max_rows: int = 64
+    # Padded KV token budget (rows x the largest prompt + max_tokens); None: 65536 on
+    # the CPU, what the GPU's memory allows on CUDA.
+    max_batch_tokens: int | None = None
+    cuda_graphs: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_prefill_tokens: int = 8192
+
+
+CPU_DEFAULT_BATCH_TOKENS = 65536
+
+
+@dataclass(frozen=True)
+class PaddedBudget:
+    """The CPU batch: rows x the largest prompt + max_tokens among them, at most a total."""
+
+    max_batch_tokens: int
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        return self.max_batch_tokens
+
+    @property
+    def limit_hint(self) -> str:
+        return f"--max-batch-tokens {self.max_batch_tokens}"
+
+    def admits(self, costs: Sequence[int], candidate: int) -> bool:
+        widest = max([*costs, candidate])
+        return (len(costs) + 1) * widest <= self.max_batch_tokens
+
+
+@dataclass(frozen=True)
+class SlotBudget:
+    """The GPU batch: a fixed slot per row; a sequence fits when it fits a slot."""
+
+    positions: int
+    hint: str
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        return self.positions
+
+    @property
+    def limit_hint(self) -> str:
+        return self.hint
+
+    def admits(self, costs: Sequence[int], candidate: int) -> bool:
+        return candidate <= self.positions
+
+
+def configure_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """Pick the attention kernels for ``device``; returns what the ready line reports."""
+    if device.type != "cuda":
+        return "sdpa (CPU kernels)"
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(True)
+    torch.backends.cuda.enable_mem_efficient_sdp(True)
+    if dtype in (torch.float16, torch.bfloat16):
+        return "sdpa: mem-efficient decode, flash prefill, cuDNN off"
+    return "sdpa: mem-efficient, cuDNN off"
+
+
+def kv_bytes_per_token(layers: list[LayerShape]) -> int:
+    return sum(2 * s.heads * s.dim * torch.tensor([], dtype=s.dtype).element_size() for s in layers)
+
+
+@torch.inference_mode()
+def _activation_peaks(
+    model: Any, device: torch.device, rows: int, prefill_tokens: int
+) -> tuple[int, int]:
+    """Bytes the largest prefill and a decode forward of every row allocate beyond the weights."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros((1, prefill_tokens), dtype=torch.long, device=device)
+    model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    prefill = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.reset_peak_memory_stats(device)
+    model(input_ids=torch.zeros((rows, 1), dtype=torch.long, device=device), use_cache=False)
+    decode = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return prefill, decode
+
+
+def plan_gpu_slots(
+    model: Any,
+    device: torch.device,
+    layers: list[LayerShape],
+    options: ExecutionOptions,
+    *,
+    context_length: int,
+    graphs: bool,
+) -> SlotBudget:
+    """Tokens per row slot: what the memory left after weights, activations and graphs holds."""
+    prefill_tokens = min(options.max_prefill_tokens, context_length)
+    prefill_peak, decode_peak = _activation_peaks(model, device, options.max_rows, prefill_tokens)
+    # The graphs' shared pool holds about one decode forward's activations.
+    reserve = int(max(prefill_peak, decode_peak) * _ACTIVATION_MARGIN)
+    if graphs:
+        reserve += int(decode_peak * _ACTIVATION_MARGIN) + 64 * _MIB
+    free, total = torch.cuda.mem_get_info(device)
+    kept_free = int((1 - options.gpu_memory_utilization) * total)
+    available = free - kept_free - reserve
+    per_token = kv_bytes_per_token(layers)
+    positions = available // max(1, options.max_rows * per_token)
+    hint = (
+        f"a row's KV slot; --gpu-memory-utilization {options.gpu_memory_utilization} and "
+        f"--max-concurrent {options.max_rows} set it"
+    )
+    if options.max_batch_tokens is not None:
+        positions = min(positions, options.max_batch_tokens // options.max_rows)
+        hint = f"a row's KV slot: --max-batch-tokens / --max-concurrent {options.max_rows}"
+    positions = min(positions, round_up(context_length, POSITION_ALIGN))
+    positions = positions // POSITION_ALIGN * POSITION_ALIGN - 1
+    if positions < _MIN_ROW_TOKENS:
+        raise ModelLoadError(
+            f"not enough GPU memory for {options.max_rows} rows of KV cache: "
+            f"{free / 2**30:.1f} GiB free after the weights, {kept_free / 2**30:.1f} GiB kept free "
+            f"by --gpu-memory-utilization {options.gpu_memory_utilization}, "
+            f"{reserve / 2**30:.1f} GiB for activations and graphs, {per_token} bytes a token; "
+            "lower --max-concurrent or raise --gpu-memory-utilization"
+        )
+    log.info(
+        "KV cache: %d rows x %d tokens, %.2f GiB (%d bytes a token); %.2f GiB kept for "
+        "activations and graphs",
+        options.max_rows,
+        positions,
+        options.max_rows * (positions + 1) * per_token / 2**30,
+        per_token,
+        reserve / 2**30,
+    )
+    return SlotBudget(positions, hint)
+
+
+def build_runner(
+    model: Any, device: torch.device, pad_id: int, options: ExecutionOptions
+) -> tuple[HFStepRunner, str]:
+    """The model's runner, its graphs captured; and what the ready line says of it."""
+    dtype = next(model.parameters()).dtype
+    attention = configure_attention(device, dtype)
+    layers = probe_layers(model, device)
+    vocab = _vocab_size(model, device)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    if device.type != "cuda":
+        budget = PaddedBudget(options.max_batch_tokens or CPU_DEFAULT_BATCH_TOKENS)
+        batch = SlotBatch(layers, 8, 256, device, growable=True)
+        runner = HFStepRunner(model, batch, budget, pad_id=pad_id, vocab=vocab)
+        return runner, f"attention={attention}, kv=grows to {budget.max_batch_tokens} tokens"
+    want_graphs = options.cuda_graphs == "auto"
+    slots = plan_gpu_slots(
+        model, device, layers, options, context_length=context, graphs=want_graphs
+    )
+    batch = SlotBatch(layers, options.max_rows, slots.positions, device, growable=False)
+    runner = HFStepRunner(model, batch, slots, pad_id=pad_id, vocab=vocab)
+    kv = f"kv={options.max_rows}x{slots.positions}"
+    if not want_graphs:
+        return runner, f"attention={attention}, {kv}, cuda-graphs=off"
+    graphs = DecodeGraphs(
+        rows_buckets(options.max_rows), width_buckets(batch.capacity_positions + 1)
+    )
+    try:
+        report = graphs.capture(runner.forward_decode, device)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"out of GPU memory capturing the decode CUDA graphs ({len(graphs.rows)} row buckets "
+            f"x {len(graphs.widths)} widths, {options.max_rows} rows of {slots.positions} tokens): "
+            "lower --gpu-memory-utilization or --max-concurrent, or start with --cuda-graphs off"
+        ) from exc
+    except Exception as exc:  # a model whose forward cannot be captured still serves
+        log.warning(
+            "cannot capture CUDA graphs of this model's decode step (%s); decoding eagerly", exc
+        )
+        torch.cuda.synchronize(device)
+        batch.reset()
+        return runner, f"attention={attention}, {kv}, cuda-graphs=failed (eager)"
+    runner.graphs = graphs
+    batch.reset()
+    log.info(
+        "captured %d CUDA graphs (%d row buckets x %d widths) in %.1f s, %d MiB",
+        report.graphs,
+        len(graphs.rows),
+        len(graphs.widths),
+        report.seconds,
+        report.pool_bytes // _MIB,
+    )
+    graphs_text = (
+        f"cuda-graphs={report.graphs} ({report.seconds:.1f} s, {report.pool_bytes // _MIB} MiB)"
+    )
+    return runner, f"attention={attention}, {kv}, {graphs_text}"
+
+
+@torch.inference_mode()
+def _vocab_size(model: Any, device: torch.device) -> int:
+    out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    return int(out.logits.shape[-1])

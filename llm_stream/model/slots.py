@@ -1,0 +1,385 @@
+"""The decode batch's tensors: one KV slot per row, each row with its own length.
+
+Row ``r`` keeps its tokens' keys and values at positions ``[0, length_r)`` of
+its slot, in per-layer buffers of ``[rows, heads, positions, dim]``. A decode
+step feeds one token per row; each row writes its token at its own position and
+attends to its own ``[0, length]`` through an additive mask (``bias``), so a row
+computes what it would alone, whatever else is in the batch. Every input of a
+step (token ids, positions, mask, cache) is a slice of a buffer that never
+moves: the same step can be captured once as a CUDA graph and replayed.
+
+Rows join in the first free slots, copied from their prefill's cache; a leaving
+row's slot is filled by moving the last row into it, so live rows are always
+slots ``[0, n)``. On the GPU the buffers are allocated once, as large as the
+KV budget allows; on the CPU they grow as needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from llm_stream.model.transfer import Transfer
+
+# Buffers' position counts are kept a multiple of this (aligned mask rows for the
+# attention kernels).
+POSITION_ALIGN = 16
+# Spare positions and rows reserved when a growable batch grows.
+_HEADROOM = 64
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    heads: int
+    dim: int
+    dtype: torch.dtype
+
+
+def probe_layers(model: Any, device: torch.device) -> list[LayerShape]:
+    """The keys/values shape of every cache layer, from a one-token forward."""
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
+    shapes = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None
+        keys = layer.keys
+        shapes.append(LayerShape(int(keys.shape[1]), int(keys.shape[-1]), keys.dtype))
+    return shapes
+
+
+def unsupported_cache_layers(model: Any) -> list[str]:
+    """The kinds of cache layer ``model`` needs that the slot batch cannot hold.
+
+    Sliding-window layers keep only their window and count positions their own
+    way; a slot holding a whole history would let them see past the window.
+    """
+    cache = DynamicCache(config=model.config)
+    return sorted(
+        {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    )
+
+
+class DecodeView:
+    """Which rows and positions a decode forward covers, shared by the slot layers."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.width = 0
+        self.positions: torch.Tensor | None = None  # [rows]: where each row writes
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's slots; ``update`` writes each row's new token at its own position."""
+
+    def __init__(self, view: DecodeView, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self._view = view
+        self.slab_keys = keys
+        self.slab_values = values
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        view = self._view
+        assert view.positions is not None and key_states.shape[-2] == 1, "one token per row"
+        rows, width = view.rows, view.width
+        index = view.positions.view(rows, 1, 1, 1).expand(
+            rows, key_states.shape[1], 1, key_states.shape[-1]
+        )
+        self.slab_keys[:rows].scatter_(2, index, key_states)
+        self.slab_values[:rows].scatter_(2, index, value_states)
+        self.keys = self.slab_keys[:rows, :, :width]
+        self.values = self.slab_values[:rows, :, :width]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._view.width
+
+
+class SlotBatch:
+    """Every per-row tensor of the decode batch, in slot order ``[0, rows)``."""
+
+    def __init__(
+        self,
+        layers: Sequence[LayerShape],
+        rows: int,
+        positions: int,
+        device: torch.device,
+        *,
+        growable: bool,
+    ) -> None:
+        self.device = device
+        self.growable = growable
+        self.shapes = list(layers)
+        self.transfer = Transfer(device)
+        self.view = DecodeView()
+        # Keys of the rows, and how many tokens each has in its slot (host copies:
+        # the step's shape is chosen without asking the device).
+        self.keys: list[int] = []
+        self.lengths: list[int] = []
+        mask_dtype = self.shapes[0].dtype if self.shapes else torch.float32
+        self.closed = torch.finfo(mask_dtype).min
+        self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ids = torch.zeros(0, dtype=torch.long, device=device)
+        self.pos = torch.zeros(0, dtype=torch.long, device=device)
+        self.bias = torch.zeros((0, 1, 1, 0), dtype=mask_dtype, device=device)
+        self.cache = Cache(layers=[])
+        self._allocate(rows, round_up(positions + 1, POSITION_ALIGN))
+
+    # -- buffers ---------------------------------------------------------------
+
+    @property
+    def capacity_rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def capacity_positions(self) -> int:
+        """Tokens one slot holds (one position stays free for the token being fed)."""
+        return int(self.bias.shape[-1]) - 1
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+    def _allocate(self, rows: int, width: int) -> None:
+        """(Re)allocate every buffer; the live rows' content is kept."""
+        old_slabs, old_ids, old_pos, old_bias = self.slabs, self.ids, self.pos, self.bias
+        self.slabs = [
+            (
+                torch.zeros((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+                torch.zeros((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+            )
+            for s in self.shapes
+        ]
+        self.ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.bias = torch.full(
+            (rows, 1, 1, width), self.closed, dtype=self.bias.dtype, device=self.device
+        )
+        # A free row attends to its position 0 only: padded rows of a step stay finite.
+        self.bias[:, :, :, 0] = 0
+        n, kept = self.rows, min(width, int(old_bias.shape[-1]))
+        if n:
+            for (keys, values), (old_keys, old_values) in zip(self.slabs, old_slabs, strict=True):
+                keys[:n, :, :kept] = old_keys[:n, :, :kept]
+                values[:n, :, :kept] = old_values[:n, :, :kept]
+            self.ids[:n] = old_ids[:n]
+            self.pos[:n] = old_pos[:n]
+            self.bias[:n, :, :, :kept] = old_bias[:n, :, :, :kept]
+        self.cache = Cache(
+            layers=[SlotLayer(self.view, keys, values) for keys, values in self.slabs]
+        )
+
+    def ensure(self, rows: int, tokens: int) -> None:
+        """Room for ``rows`` rows of ``tokens`` tokens each, plus the one each feeds next.
+
+        A growable batch grows; a static one raises (its budget never lets this happen).
+        """
+        width = tokens + 1
+        if rows <= self.capacity_rows and width <= int(self.bias.shape[-1]):
+            return
+        if not self.growable:
+            raise RuntimeError(
+                f"{rows} rows of {tokens} tokens exceed the static KV cache of "
+                f"{self.capacity_rows} x {self.capacity_positions}"
+            )
+        new_rows = self.capacity_rows
+        if rows > new_rows:
+            new_rows = max(rows, new_rows + new_rows // 2)
+        new_width = int(self.bias.shape[-1])
+        if width > new_width:
+            new_width = round_up(width + max(_HEADROOM, width // 2), POSITION_ALIGN)
+        self._allocate(new_rows, new_width)
+
+    # -- a decode step ------------------------------------------------------------
+
+    def bind(self, rows: int, width: int) -> None:
+        """The next decode forward covers slots ``[0, rows)`` and positions ``[0, width)``."""
+        self.view.rows, self.view.width = rows, width
+        self.view.positions = self.pos[:rows]
+
+    def decode_inputs(self, rows: int, width: int) -> dict[str, Any]:
+        """The model's keyword arguments for a decode step over ``rows`` x ``width``."""
+        self.bind(rows, width)
+        return {
+            "input_ids": self.ids[:rows].view(rows, 1),
+            "position_ids": self.pos[:rows].view(rows, 1),
+            "attention_mask": self.bias[:rows, :, :, :width],
+            "cache": self.cache,
+            "use_cache": True,
+        }
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """After a decode step: the live rows feed ``tokens`` next, one position on."""
+        n = self.rows
+        self.ids[:n].copy_(tokens)
+        self.pos[:n].add_(1)
+        self.bias[:n].scatter_(3, self.pos[:n].view(n, 1, 1, 1), 0.0)
+        self.lengths = [length + 1 for length in self.lengths]
+
+    # -- rows joining and leaving ----------------------------------------------------
+
+    def join(
+        self,
+        keys: Sequence[int],
+        prefill: DynamicCache,
+        lengths: Sequence[int],
+        first_tokens: torch.Tensor,
+    ) -> slice:
+        """Add rows from a prefill cache whose rows are left-padded to a common width.
+
+        Returns the slots they took. Row ``i`` keeps its ``lengths[i]`` real
+        tokens, which end at the prefill cache's last position.
+        """
+        first, count = self.rows, len(keys)
+        self.ensure(first + count, max(lengths))
+        slots = slice(first, first + count)
+        padded = max(lengths)
+        shift = None
+        if any(length != padded for length in lengths):
+            # Where row i's j-th real token sits in the left-padded prefill cache.
+            offsets = [padded - length for length in lengths]
+            columns = torch.arange(padded, device=self.device).unsqueeze(0)
+            shift = (columns + self.transfer.to_device(offsets, torch.long).unsqueeze(1)).clamp(
+                max=padded - 1
+            )
+        for (keys_slab, values_slab), layer in zip(self.slabs, prefill.layers, strict=True):
+            assert isinstance(layer, DynamicLayer)
+            for slab, part in ((keys_slab, layer.keys), (values_slab, layer.values)):
+                assert part is not None
+                if shift is not None:
+                    index = shift[:, None, :, None].expand(
+                        count, part.shape[1], padded, part.shape[3]
+                    )
+                    slab[slots, :, :padded] = part.gather(2, index)
+                else:
+                    slab[slots, :, :padded] = part
+        length_tensor = self.transfer.to_device(list(lengths), torch.long)
+        self.pos[slots] = length_tensor
+        columns = torch.arange(self.bias.shape[-1], device=self.device).unsqueeze(0)
+        opened = torch.where(columns <= length_tensor.unsqueeze(1), 0.0, self.closed)
+        self.bias[slots, 0, 0, :] = opened.to(self.bias.dtype)
+        self.ids[slots] = first_tokens
+        self.keys.extend(keys)
+        self.lengths.extend(lengths)
+        return slots
+
+    def remove(self, keys: Sequence[int]) -> list[tuple[int, int]]:
+        """Drop these rows; the last rows move into the freed slots.
+
+        Returns the moves ``(target, source)`` made, for state kept elsewhere by slot.
+        """
+        gone = set(keys)
+        drop = [i for i, key in enumerate(self.keys) if key in gone]
+        if not drop:
+            return []
+        rows = self.rows
+        left = rows - len(drop)
+        holes = [i for i in drop if i < left]
+        movers = [i for i in range(left, rows) if self.keys[i] not in gone]
+        moves = list(zip(holes, movers, strict=True))
+        if moves:
+            targets = self.transfer.to_device(holes, torch.long)
+            sources = self.transfer.to_device(movers, torch.long)
+            width = max(self.lengths[i] for i in movers) + 1
+            for keys_slab, values_slab in self.slabs:
+                for slab in (keys_slab, values_slab):
+                    used = slab[:, :, :width]
+                    used.index_copy_(0, targets, used.index_select(0, sources))
+            for tensor in (self.ids, self.pos, self.bias):
+                tensor.index_copy_(0, targets, tensor.index_select(0, sources))
+            for target, source in moves:
+                self.keys[target] = self.keys[source]
+                self.lengths[target] = self.lengths[source]
+        del self.keys[left:]
+        del self.lengths[left:]
+        self.clear(slice(left, rows))
+        return moves
+
+    def clear(self, slots: slice) -> None:
+        """Free slots: position 0, attending to that position only."""
+        self.pos[slots] = 0
+        self.ids[slots] = 0
+        self.bias[slots] = self.closed
+        self.bias[slots, :, :, 0] = 0
+
+    def reset(self) -> None:
+        self.keys, self.lengths = [], []
+        self.clear(slice(0, self.capacity_rows))
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, copied without waiting for the device (see transfer)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def forward_prompts(
+    model: Any, prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill whole prompts as one left-padded batch; returns its cache and last logits."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = to_device(ids, device), to_device(mask, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache, out.logits[:, -1, :]
+
+
+@dataclass
+class PartialPrompt:
+    """A prompt fed in chunks: its one-row cache, and how many tokens it holds."""
+
+    cache: DynamicCache
+    length: int
+
+
+def start_prompt(
+    model: Any, chunk: Sequence[int], device: torch.device
+) -> tuple[PartialPrompt, torch.Tensor]:
+    """Feed the first chunk of a long prompt; returns its state and last logits."""
+    cache, logits = forward_prompts(model, [chunk], 0, device)
+    return PartialPrompt(cache, len(chunk)), logits
+
+
+def extend_prompt(
+    model: Any, partial: PartialPrompt, chunk: Sequence[int], device: torch.device
+) -> torch.Tensor:
+    """Feed a further chunk (chunked prefill); returns last logits."""
+    ids = to_device(torch.tensor([list(chunk)], dtype=torch.long), device)
+    start = partial.length
+    positions = to_device(torch.arange(start, start + len(chunk)).unsqueeze(0), device)
+    out = model(
+        input_ids=ids,
+        position_ids=positions,
+        cache=partial.cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    partial.length += len(chunk)
+    logits: torch.Tensor = out.logits[:, -1, :]
+    return logits

@@ -1,0 +1,196 @@
+"""The slot batch through the runner's seam: a row computes what it computes alone.
+
+Rows join (whole or chunked prompts, several at once with different lengths),
+decode side by side and leave in any order; each row's greedy tokens must equal
+the same prompt decoded alone with transformers' own cache. The runner here is
+the one the server builds for the CPU (growable slots, eager decode); on a GPU
+the same buffers are static and the decode forward is a replayed CUDA graph
+(tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+from llm_stream.engine.types import (
+    GenerationRequest,
+    PrefillChunk,
+    PreparedRequest,
+    SamplingParams,
+    StepPlan,
+)
+from llm_stream.errors import ModelLoadError
+from llm_stream.model.execution import ExecutionOptions, build_runner
+from llm_stream.model.loader import load_backend
+from llm_stream.model.runner import HFStepRunner
+from llm_stream.model.sources import parse_model_spec
+
+CPU = torch.device("cpu")
+SHORT = [5, 9, 14]
+LONG = [7, 3, 22, 41, 8, 19, 30, 11, 42, 17, 6]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    return loaded.eval()
+
+
+def new_runner(model: Any, **options: Any) -> HFStepRunner:
+    runner, _ = build_runner(model, CPU, 0, ExecutionOptions(**options))
+    return runner
+
+
+@torch.inference_mode()
+def alone(model: Any, prompt: list[int], steps: int) -> list[int]:
+    """The greedy tokens of a prompt decoded by itself with transformers' own cache."""
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=torch.tensor([prompt]), cache=cache).logits[0, -1]
+    tokens = [int(logits.argmax())]
+    for _ in range(steps - 1):
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+    return tokens
+
+
+def chunk(
+    key: int, prompt: list[int], start: int = 0, end: int | None = None, **sampling: Any
+) -> PrefillChunk:
+    request = GenerationRequest(f"r{key}", "tiny", "p", SamplingParams(max_tokens=64, **sampling))
+    prepared = PreparedRequest(request, tuple(prompt), 64)
+    return PrefillChunk(key, prepared, start, len(prompt) if end is None else end)
+
+
+class Driver:
+    """Runs plans through a runner and keeps each key's tokens."""
+
+    def __init__(self, runner: HFStepRunner) -> None:
+        self.runner = runner
+        self.tokens: dict[int, list[int]] = {}
+        self.step = 0
+
+    def run(
+        self, *prefill: PrefillChunk, decode: bool = True, remove: tuple[int, ...] = ()
+    ) -> None:
+        self.step += 1
+        self.runner.launch(StepPlan(self.step, remove, decode, tuple(prefill)))
+        result = self.runner.collect()
+        assert not result.failed, result.failed
+        for key, token in result.tokens:
+            self.tokens.setdefault(key, []).append(token)
+
+
+def test_rows_that_join_and_leave_compute_what_they_compute_alone(model: Any) -> None:
+    prompts = {1: SHORT, 2: LONG, 3: [4, 4, 4, 4], 4: [9, 8], 5: [30, 31, 32, 33, 34, 35, 36]}
+    drive = Driver(new_runner(model))
+    drive.run(chunk(1, SHORT), decode=False)
+    drive.run()
+    drive.run(chunk(2, LONG), chunk(3, [4, 4, 4, 4]))  # two lengths in one padded prefill
+    drive.run()
+    drive.run(remove=(1,))  # the first row leaves; the last moves into its slot
+    drive.run(chunk(4, [9, 8]))
+    drive.run(chunk(5, prompts[5], 0, 3))  # a prompt fed in chunks while others decode
+    drive.run(chunk(5, prompts[5], 3, 7))
+    for _ in range(3):
+        drive.run()
+    drive.run(remove=(3, 2))
+    drive.run()
+    for key, tokens in drive.tokens.items():
+        assert tokens == alone(model, prompts[key], len(tokens)), key
+
+
+def test_a_chunked_prompt_equals_the_whole_prompt(model: Any) -> None:
+    drive = Driver(new_runner(model))
+    drive.run(chunk(1, LONG, 0, 4), decode=False)
+    drive.run(chunk(1, LONG, 4, 8))
+    drive.run(chunk(1, LONG, 8))
+    for _ in range(4):
+        drive.run()
+    assert drive.tokens[1] == alone(model, LONG, 5)
+
+
+def test_a_prompt_fed_in_chunks_survives_the_last_decoding_row_leaving(model: Any) -> None:
+    drive = Driver(new_runner(model))
+    drive.run(chunk(1, SHORT), decode=False)
+    drive.run(chunk(2, LONG, 0, 5))
+    drive.run(chunk(2, LONG, 5), remove=(1,))  # the only decoding row leaves while LONG is half fed
+    assert drive.tokens[2] == alone(model, LONG, 1)
+    assert drive.runner.rows == 1
+
+
+def test_the_cpu_batch_grows_rows_and_positions(model: Any) -> None:
+    """The CPU slots start small (8 rows of 255 tokens) and grow as rows join and lengthen."""
+    prompts = {key: [(key * 7 + i) % 300 + 3 for i in range(40 + key * 25)] for key in range(1, 13)}
+    drive = Driver(new_runner(model))
+    drive.run(*(chunk(key, prompt) for key, prompt in prompts.items()), decode=False)
+    for _ in range(5):
+        drive.run()
+    for key, prompt in prompts.items():
+        assert drive.tokens[key] == alone(model, prompt, 6), key
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_and_in_a_batch(model: Any) -> None:
+    seeded = {"temperature": 1.0, "top_p": 0.9, "seed": 11}
+    single = Driver(new_runner(model))
+    single.run(chunk(1, LONG, **seeded), decode=False)
+    for _ in range(7):
+        single.run()
+    busy = Driver(new_runner(model))
+    busy.run(chunk(2, SHORT, temperature=0.7, seed=3), decode=False)
+    busy.run(chunk(1, LONG, **seeded), chunk(3, [4, 4, 4]))
+    for _ in range(7):
+        busy.run()
+    assert busy.tokens[1] == single.tokens[1]
+
+
+def test_a_failed_prefill_leaves_the_batch_intact(model: Any) -> None:
+    runner = new_runner(model)
+    drive = Driver(runner)
+    drive.run(chunk(1, SHORT), decode=False)
+    runner.launch(StepPlan(9, (), True, (chunk(2, LONG, 5),)))  # a later chunk, never started
+    result = runner.collect()
+    assert [key for key, _ in result.failed] == [2]
+    assert [key for key, _ in result.tokens] == [1]
+    drive.tokens[1].append(result.tokens[0][1])
+    drive.run()
+    assert drive.tokens[1] == alone(model, SHORT, 3)
+
+
+def test_models_with_sliding_window_layers_are_refused(
+    tmp_path: Path, tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """Their layers keep only a window: a slot holding the whole history would be wrong."""
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=8,
+    )
+    folder = tmp_path / "mistral"
+    MistralForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="sliding-window"):
+        load_backend(parse_model_spec(f"mistral={folder}"), "cpu", "float32", cache_dir)
+
+
+def test_decoding_past_the_cpu_slots_length_grows_them(model: Any) -> None:
+    prompt = [(i * 13) % 300 + 3 for i in range(250)]
+    drive = Driver(new_runner(model))
+    drive.run(chunk(1, prompt), decode=False)
+    for _ in range(20):  # 250 + 20 tokens: past the first 255 positions
+        drive.run()
+    assert drive.tokens[1] == alone(model, prompt, 21)
