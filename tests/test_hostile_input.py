@@ -864,7 +864,7 @@ def test_extreme_repetition_penalties_still_choose_a_token(
     the whole batch of other clients' generations failed with it)."""
     vocab = 50
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0)) * 10
-    sampler = BatchSampler(3, vocab, torch.device("cpu"))
+    sampler = BatchSampler(3, torch.device("cpu"))
     params = [
         SamplingParams(
             max_tokens=4,
@@ -876,7 +876,7 @@ def test_extreme_repetition_penalties_still_choose_a_token(
         )
         for top_p, top_k in [(1.0, 0), (0.5, 0), (1.0, 3)]
     ]
-    sampler.place(0, params, [list(range(vocab))] * 3)
+    sampler.place(0, params, [list(range(vocab))] * 3, vocab=vocab)
     for step in range(3):
         tokens = sampler.sample(logits, slice(0, 3), torch.full((3,), 10 + step))
         sampler.record(tokens, slice(0, 3))

@@ -26,8 +26,8 @@ def params(**values: float | int | None) -> SamplingParams:
 def sampler_for(
     rows: Sequence[SamplingParams], prompts: Sequence[Sequence[int]] | None = None
 ) -> BatchSampler:
-    sampler = BatchSampler(len(rows), VOCAB, CPU)
-    sampler.place(0, rows, prompts or [()] * len(rows))
+    sampler = BatchSampler(len(rows), CPU)
+    sampler.place(0, rows, prompts or [()] * len(rows), vocab=VOCAB)
     return sampler
 
 

@@ -31,9 +31,10 @@ from llm_stream.engine.types import (
     StepPlan,
 )
 from llm_stream.errors import ModelLoadError
-from llm_stream.model.execution import ExecutionOptions, build_runner
+from llm_stream.model.execution import ExecutionOptions, SlotBudget, build_runner, static_runner
 from llm_stream.model.loader import load_backend
 from llm_stream.model.runner import HFStepRunner
+from llm_stream.model.slots import probe_layers
 from llm_stream.model.sources import parse_model_spec
 
 CPU = torch.device("cpu")
@@ -194,3 +195,25 @@ def test_decoding_past_the_cpu_slots_length_grows_them(model: Any) -> None:
     for _ in range(20):  # 250 + 20 tokens: past the first 255 positions
         drive.run()
     assert drive.tokens[1] == alone(model, prompt, 21)
+
+
+def test_fixed_buffers_padded_to_buckets_compute_what_rows_compute_alone(model: Any) -> None:
+    """The GPU layout, uncaptured: rows padded up to a rows bucket, attention over a
+    width bucket, slots that never move; rows cross the 8-row and 256-position buckets."""
+    runner = static_runner(
+        model, CPU, 0, probe_layers(model, CPU), rows=16, budget=SlotBudget(511, "test")
+    )
+    assert runner.graphs is not None and runner.graphs.rows == [1, 2, 4, 8, 16]
+    prompts = {key: [(key * 11 + i) % 300 + 3 for i in range(5 + key * 3)] for key in range(1, 11)}
+    prompts[11] = [(i * 7) % 300 + 3 for i in range(240)]
+    drive = Driver(runner)
+    drive.run(chunk(1, prompts[1]), decode=False)
+    drive.run(chunk(2, prompts[2]), chunk(3, prompts[3]))
+    drive.run(*(chunk(key, prompts[key]) for key in range(4, 10)))  # 9 rows: bucket 16
+    drive.run(chunk(11, prompts[11], 0, 100), remove=(2,))
+    drive.run(chunk(11, prompts[11], 100))
+    drive.run(chunk(10, prompts[10]), remove=(5, 1))
+    for _ in range(20):  # the long row passes 256 positions: the next width bucket
+        drive.run()
+    for key, tokens in drive.tokens.items():
+        assert tokens == alone(model, prompts[key], len(tokens)), key

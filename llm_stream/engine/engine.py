@@ -117,12 +117,18 @@ class Engine:
             except RuntimeError:  # the loop is gone (shutdown): keep the records only
                 self.finished.extend(step.finished)
 
+        runner = backend.new_runner()
+        text_thread = runner.pipeline_depth > 0  # a device computes: text on its own thread
+
         # Each needs the other: the scheduler hands tokens to the output stage, which
         # asks the scheduler to free the rows of streams its text has ended.
         def deliver(outputs: list[StepOutput]) -> None:
-            output.put(outputs)
+            if text_thread:
+                output.put(outputs)
+            else:
+                output.publish_now(outputs)
 
-        scheduler = Scheduler(backend.new_runner(), self.limits, deliver)
+        scheduler = Scheduler(runner, self.limits, deliver)
         output = OutputStage(model_id, publish, scheduler.release, lambda: scheduler.running)
         threads = (
             threading.Thread(

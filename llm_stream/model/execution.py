@@ -183,43 +183,68 @@ def build_runner(
     """The model's runner, its graphs captured; and what the ready line says of it."""
     dtype = next(model.parameters()).dtype
     attention = configure_attention(device, dtype)
-    layers = probe_layers(model, device)
-    vocab = _vocab_size(model, device)
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     if device.type != "cuda":
+        # No forward here (see probe_layers): the slots take their shapes from the first prefill.
         budget = PaddedBudget(options.max_batch_tokens or CPU_DEFAULT_BATCH_TOKENS)
-        batch = SlotBatch(layers, 8, 256, device, growable=True)
-        runner = HFStepRunner(model, batch, budget, pad_id=pad_id, vocab=vocab)
+        batch = SlotBatch(None, 8, 256, device, growable=True, dtype=dtype)
+        runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
         return runner, f"attention={attention}, kv=grows to {budget.max_batch_tokens} tokens"
+    layers = probe_layers(model, device)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     want_graphs = options.cuda_graphs == "auto"
     slots = plan_gpu_slots(
         model, device, layers, options, context_length=context, graphs=want_graphs
     )
-    batch = SlotBatch(layers, options.max_rows, slots.positions, device, growable=False)
-    runner = HFStepRunner(model, batch, slots, pad_id=pad_id, vocab=vocab)
+    runner = static_runner(model, device, pad_id, layers, rows=options.max_rows, budget=slots)
     kv = f"kv={options.max_rows}x{slots.positions}"
     if not want_graphs:
         return runner, f"attention={attention}, {kv}, cuda-graphs=off"
-    graphs = DecodeGraphs(
-        rows_buckets(options.max_rows), width_buckets(batch.capacity_positions + 1)
+    assert runner.graphs is not None
+    graphs_text = capture_graphs(runner, device, options)
+    return runner, f"attention={attention}, {kv}, {graphs_text}"
+
+
+def static_runner(
+    model: Any,
+    device: torch.device,
+    pad_id: int,
+    layers: list[LayerShape],
+    *,
+    rows: int,
+    budget: SlotBudget,
+) -> HFStepRunner:
+    """A runner over fixed buffers whose decode runs by (rows, width) bucket, uncaptured."""
+    batch = SlotBatch(layers, rows, budget.positions, device, growable=False)
+    runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
+    runner.graphs = DecodeGraphs(
+        rows_buckets(rows), width_buckets(batch.capacity_positions + 1), runner.forward_decode
     )
+    return runner
+
+
+def capture_graphs(runner: HFStepRunner, device: torch.device, options: ExecutionOptions) -> str:
+    """Capture the runner's decode graphs; what the ready line says of them."""
+    graphs = runner.graphs
+    assert graphs is not None
     try:
-        report = graphs.capture(runner.forward_decode, device)
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(
-            f"out of GPU memory capturing the decode CUDA graphs ({len(graphs.rows)} row buckets "
-            f"x {len(graphs.widths)} widths, {options.max_rows} rows of {slots.positions} tokens): "
-            "lower --gpu-memory-utilization or --max-concurrent, or start with --cuda-graphs off"
-        ) from exc
-    except Exception as exc:  # a model whose forward cannot be captured still serves
+        with torch.inference_mode():
+            report = graphs.capture(device)
+    except Exception as exc:
+        if _out_of_memory(exc):
+            raise ModelLoadError(
+                f"out of GPU memory capturing the decode CUDA graphs ({len(graphs.rows)} row "
+                f"buckets x {len(graphs.widths)} widths for {options.max_rows} rows): lower "
+                "--gpu-memory-utilization or --max-concurrent, or start with --cuda-graphs off"
+            ) from exc
+        # A model whose forward cannot be captured (it syncs, say) still serves, eagerly.
         log.warning(
             "cannot capture CUDA graphs of this model's decode step (%s); decoding eagerly", exc
         )
         torch.cuda.synchronize(device)
-        batch.reset()
-        return runner, f"attention={attention}, {kv}, cuda-graphs=failed (eager)"
-    runner.graphs = graphs
-    batch.reset()
+        runner.graphs = None
+        runner.reset()
+        return "cuda-graphs=failed (eager)"
+    runner.reset()  # the capture's warm-up runs wrote into free slots
     log.info(
         "captured %d CUDA graphs (%d row buckets x %d widths) in %.1f s, %d MiB",
         report.graphs,
@@ -228,13 +253,14 @@ def build_runner(
         report.seconds,
         report.pool_bytes // _MIB,
     )
-    graphs_text = (
-        f"cuda-graphs={report.graphs} ({report.seconds:.1f} s, {report.pool_bytes // _MIB} MiB)"
-    )
-    return runner, f"attention={attention}, {kv}, {graphs_text}"
+    return f"cuda-graphs={report.graphs} ({report.seconds:.1f} s, {report.pool_bytes // _MIB} MiB)"
 
 
-@torch.inference_mode()
-def _vocab_size(model: Any, device: torch.device) -> int:
-    out = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
-    return int(out.logits.shape[-1])
+def _out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or what it arose from ran out of device memory (a capture that
+    runs out ends with an error about the invalidated capture, the OOM as its context)."""
+    while exc is not None:
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

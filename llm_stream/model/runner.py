@@ -83,7 +83,6 @@ class HFStepRunner:
         budget: CacheBudget,
         *,
         pad_id: int,
-        vocab: int,
     ) -> None:
         self._model = model
         self._batch = batch
@@ -91,7 +90,7 @@ class HFStepRunner:
         self._pad_id = pad_id
         self.budget = budget
         self.pipeline_depth = 1 if self._device.type == "cuda" else 0
-        self._sampler = BatchSampler(batch.capacity_rows, vocab, self._device)
+        self._sampler = BatchSampler(batch.capacity_rows, self._device)
         self._partial: dict[int, PartialPrompt] = {}
         self._in_flight: collections.deque[_Launched] = collections.deque()
         self.graphs: DecodeGraphs | None = None
@@ -136,6 +135,7 @@ class HFStepRunner:
             tuple(launched.failed),
         )
 
+    @torch.inference_mode()
     def reset(self) -> None:
         self._in_flight.clear()
         self._partial.clear()
@@ -166,7 +166,7 @@ class HFStepRunner:
         batch = self._batch
         rows = batch.rows
         width = max(batch.lengths) + 1
-        if self.graphs is not None:
+        if self.graphs is not None:  # fixed buffers: a bucket's shape, captured or not
             logits = self.graphs.replay(rows, width)[:rows]
         else:
             batch.ensure(rows, width)  # this step writes at width - 1, and opens width
@@ -247,6 +247,7 @@ class HFStepRunner:
                 first,
                 [c.prepared.request.sampling for c in chunks],
                 [c.prepared.prompt_ids for c in chunks],
+                vocab=int(logits.shape[-1]),
             )
             positions = batch.transfer.to_device(list(lengths), torch.long)
             tokens = sampler.sample(logits, slots, positions)

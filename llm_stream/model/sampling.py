@@ -111,8 +111,7 @@ class BatchSampler:
     step (any sampled rows? any penalties? how many candidates?) need no sync.
     """
 
-    def __init__(self, rows: int, vocab: int, device: torch.device) -> None:
-        self.vocab = vocab
+    def __init__(self, rows: int, device: torch.device) -> None:
         self.device = device
         self._transfer = Transfer(device)
         self._params: list[SamplingParams | None] = [None] * rows
@@ -163,7 +162,12 @@ class BatchSampler:
             self._seen = grown[6]
 
     def place(
-        self, first: int, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]
+        self,
+        first: int,
+        params: Sequence[SamplingParams],
+        prompts: Sequence[Sequence[int]],
+        *,
+        vocab: int,
     ) -> None:
         """Rows ``first`` onwards take these sequences' settings (and prompts, for penalties)."""
         rows = slice(first, first + len(params))
@@ -180,15 +184,15 @@ class BatchSampler:
             tensor[rows].copy_(self._transfer.host(values, tensor.dtype), non_blocking=True)
         penalised = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if penalised:
-            seen = self._seen_rows()
+            seen = self._seen_rows(vocab)
             seen[rows].zero_()
             for i in penalised:
                 ids = self._transfer.to_device(list(prompts[i]), torch.long)
                 seen[first + i].index_fill_(0, ids, True)
 
-    def _seen_rows(self) -> torch.Tensor:
+    def _seen_rows(self, vocab: int) -> torch.Tensor:
         if self._seen is None:
-            self._seen = torch.zeros((self.rows, self.vocab), dtype=torch.bool, device=self.device)
+            self._seen = torch.zeros((self.rows, vocab), dtype=torch.bool, device=self.device)
         return self._seen
 
     def move(
@@ -212,7 +216,7 @@ class BatchSampler:
         params = [p for p in self._params[rows] if p is not None]
         if any(p.repetition_penalty != 1.0 for p in params):
             logits = apply_repetition_penalty(
-                logits.float(), self._seen_rows()[rows], self.penalty[rows]
+                logits.float(), self._seen_rows(logits.shape[-1])[rows], self.penalty[rows]
             )
         chosen = logits.argmax(dim=-1)
         sampled = [p for p in params if not p.greedy]

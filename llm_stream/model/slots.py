@@ -45,10 +45,20 @@ class LayerShape:
 
 
 def probe_layers(model: Any, device: torch.device) -> list[LayerShape]:
-    """The keys/values shape of every cache layer, from a one-token forward."""
+    """The keys/values shape of every cache layer, from a one-token forward.
+
+    Not for the CPU at load time: a forward on the loading thread leaves an
+    OpenMP team behind that slowed every later forward on the scheduler thread
+    by about a third (measured on 2 cores); there the shapes come from the
+    first prefill instead (:meth:`SlotBatch.join`).
+    """
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
+    return cache_shapes(cache)
+
+
+def cache_shapes(cache: DynamicCache) -> list[LayerShape]:
     shapes = []
     for layer in cache.layers:
         assert isinstance(layer, DynamicLayer) and layer.keys is not None
@@ -112,23 +122,25 @@ class SlotBatch:
 
     def __init__(
         self,
-        layers: Sequence[LayerShape],
+        layers: Sequence[LayerShape] | None,
         rows: int,
         positions: int,
         device: torch.device,
         *,
         growable: bool,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``layers`` None: the slabs take their shapes from the first rows to join."""
         self.device = device
         self.growable = growable
-        self.shapes = list(layers)
+        self.shapes = list(layers or [])
         self.transfer = Transfer(device)
         self.view = DecodeView()
         # Keys of the rows, and how many tokens each has in its slot (host copies:
         # the step's shape is chosen without asking the device).
         self.keys: list[int] = []
         self.lengths: list[int] = []
-        mask_dtype = self.shapes[0].dtype if self.shapes else torch.float32
+        mask_dtype = self.shapes[0].dtype if self.shapes else (dtype or torch.float32)
         self.closed = torch.finfo(mask_dtype).min
         self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.ids = torch.zeros(0, dtype=torch.long, device=device)
@@ -243,6 +255,9 @@ class SlotBatch:
         tokens, which end at the prefill cache's last position.
         """
         first, count = self.rows, len(keys)
+        if not self.shapes:  # the first rows ever: now the layers' shapes are known
+            self.shapes = cache_shapes(prefill)
+            self._allocate(self.capacity_rows, int(self.bias.shape[-1]))
         self.ensure(first + count, max(lengths))
         slots = slice(first, first + count)
         padded = max(lengths)

@@ -1,0 +1,238 @@
+"""The CUDA path: graphs replayed every decode step, no host sync inside a step.
+
+Run only where CUDA is (``pytest -m gpu``); skipped elsewhere, CI included. The
+tiny model runs in bf16, with the static slots and graph buckets the server
+builds on a GPU. bf16 products are not batch-invariant, so the graph path is
+compared with the eager forward of the same bucket (the same kernels: exactly
+equal tokens), and with transformers' own decode of each row alone within a
+stated tolerance: the first token where they differ must be a near tie there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from llm_stream.engine.types import (
+    GenerationRequest,
+    PrefillChunk,
+    PreparedRequest,
+    SamplingParams,
+    StepPlan,
+)
+from llm_stream.errors import ModelLoadError
+from llm_stream.model.cuda_graphs import DecodeGraphs
+from llm_stream.model.execution import (
+    ExecutionOptions,
+    SlotBudget,
+    build_runner,
+    capture_graphs,
+    static_runner,
+)
+from llm_stream.model.runner import HFStepRunner
+from llm_stream.model.slots import probe_layers
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from tests.conftest import prompt_request, running_server, tiny_settings
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA = torch.device("cuda")
+# The first token where the graph path and a row decoded alone differ must be one
+# whose top two logits, alone, are within this much of each other (bf16 rounding).
+NEAR_TIE = 0.05
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        str(tiny_model_dir), dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    return loaded.to(CUDA).eval()
+
+
+def runner_for(model: Any, *, captured: bool, rows: int = 16) -> HFStepRunner:
+    runner = static_runner(
+        model,
+        CUDA,
+        0,
+        probe_layers(model, CUDA),
+        rows=rows,
+        budget=SlotBudget(1023, "test"),
+    )
+    if captured:
+        capture_graphs(runner, CUDA, ExecutionOptions(max_rows=rows))
+        assert runner.graphs is not None and len(runner.graphs) == 5 * 3
+    return runner
+
+
+def chunk(
+    key: int, prompt: list[int], start: int = 0, end: int | None = None, **sampling: Any
+) -> PrefillChunk:
+    request = GenerationRequest(f"r{key}", "tiny", "p", SamplingParams(max_tokens=64, **sampling))
+    return PrefillChunk(key, PreparedRequest(request, tuple(prompt), 64), start, end or len(prompt))
+
+
+PROMPTS = {key: [(key * 11 + i) % 300 + 3 for i in range(5 + key * 3)] for key in range(1, 12)}
+PROMPTS[12] = [(i * 7) % 300 + 3 for i in range(240)]
+SEEDED = {"temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 5}
+
+
+def plan_script() -> Iterator[StepPlan]:
+    """Rows join (whole, padded together, chunked), leave, and cross bucket sizes."""
+    steps = [
+        ((), False, (chunk(1, PROMPTS[1]),)),
+        ((), True, (chunk(2, PROMPTS[2], **SEEDED), chunk(3, PROMPTS[3]))),
+        ((), True, tuple(chunk(k, PROMPTS[k]) for k in range(4, 11))),  # 10 rows: bucket 16
+        ((2,), True, (chunk(12, PROMPTS[12], 0, 100),)),
+        ((), True, (chunk(12, PROMPTS[12], 100),)),
+        ((5, 1), True, (chunk(11, PROMPTS[11], **SEEDED),)),
+        *[((), True, ())] * 24,  # the long row passes 256 positions: the next width bucket
+        ((3, 4, 6, 7, 8, 9), True, ()),  # back to 4 rows
+        *[((), True, ())] * 4,
+    ]
+    for step, (remove, decode, prefill) in enumerate(steps, 1):
+        yield StepPlan(step, remove, decode, prefill)
+
+
+def drive(runner: HFStepRunner) -> dict[int, list[int]]:
+    tokens: dict[int, list[int]] = {}
+    for plan in plan_script():
+        runner.launch(plan)
+        result = runner.collect()
+        assert not result.failed, result.failed
+        for key, token in result.tokens:
+            tokens.setdefault(key, []).append(token)
+    return tokens
+
+
+def test_graph_replay_gives_the_tokens_of_the_same_eager_step(model: Any) -> None:
+    graphs, eager = (
+        drive(runner_for(model, captured=True)),
+        drive(runner_for(model, captured=False)),
+    )
+    assert graphs == eager
+    assert len(graphs) == 12 and all(len(t) > 3 for t in graphs.values())
+
+
+@torch.inference_mode()
+def alone(model: Any, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=torch.tensor([prompt], device=CUDA), cache=cache).logits[0, -1]
+    tokens, seen = [int(logits.argmax())], [logits.float()]
+    for _ in range(steps - 1):
+        ids = torch.tensor([[tokens[-1]]], device=CUDA)
+        logits = model(input_ids=ids, cache=cache).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+        seen.append(logits.float())
+    return tokens, seen
+
+
+def test_greedy_rows_follow_their_own_decode_up_to_a_near_tie(model: Any) -> None:
+    tokens = drive(runner_for(model, captured=True))
+    for key, got in tokens.items():
+        if key in (2, 11):  # sampled rows
+            continue
+        expected, logits = alone(model, PROMPTS[key], len(got))
+        for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+            if a != b:
+                top = torch.topk(logits[index], 2).values
+                gap = float(top[0] - top[1])
+                assert gap <= NEAR_TIE, (key, index, gap)
+                break
+
+
+def test_a_decode_step_never_waits_for_the_device(model: Any) -> None:
+    """Joins may sync (the prefill's masks); a decode, greedy or sampled, and rows
+    leaving never do: the step's one device-to-host copy is waited for in collect()."""
+    runner = runner_for(model, captured=True)
+    runner.launch(StepPlan(1, (), False, tuple(chunk(k, PROMPTS[k], **SEEDED) for k in (1, 2))))
+    runner.launch(StepPlan(2, (), False, tuple(chunk(k, PROMPTS[k]) for k in (3, 4, 5))))
+    runner.collect()
+    runner.collect()
+    torch.cuda.synchronize()
+    for step in range(3, 10):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runner.launch(StepPlan(step, (3,) if step == 6 else (), True, ()))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if step > 3:  # the previous step, collected while this one runs
+            assert len(runner.collect().tokens) >= 4
+    runner.collect()
+
+
+async def test_the_server_captures_graphs_and_streams_from_them(
+    tiny_model_dir: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = tiny_settings(
+        tiny_model_dir, cache_dir, device="cuda", max_concurrent=8, max_batch_tokens=8 * 512
+    )
+    async with running_server(settings) as running:
+        backend = running.server.engine.backend_for("")
+        assert "cuda-graphs=" in backend.execution and "failed" not in backend.execution
+        assert "kv=8x511" in backend.execution
+        replies = [
+            running.stub.Predict(prompt_request(f"Hello {i}", max_tokens=5 + 7 * i))
+            for i in range(12)
+        ]
+        results = [await r for r in replies]
+        assert [r.usage.completion_tokens for r in results] == [5 + 7 * i for i in range(12)]
+        # A sequence longer than a row's slot is refused, naming what sets the slot.
+        too_long = prompt_request("Hello", max_tokens=600)
+        with pytest.raises(Exception, match="KV slot") as raised:
+            await running.stub.Predict(too_long)
+        assert "INVALID_ARGUMENT" in str(raised.value)
+        stream = running.stub.StreamPredict(prompt_request("Hello world", max_tokens=400))
+        tokens = [t async for t in stream]
+        assert tokens[-1].is_final and tokens[-1].usage.completion_tokens == 400
+
+
+async def test_a_cancel_frees_the_row_within_one_step(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    settings = tiny_settings(tiny_model_dir, cache_dir, device="cuda", max_concurrent=8)
+    async with running_server(settings) as running:
+        request = prompt_request("Hello world", max_tokens=3000)
+        request.request_id = "gpu-cancel"
+        stream = running.stub.StreamPredict(request)
+        async for token in stream:
+            if token.token_index == 20:
+                break
+        stream.cancel()
+        record = await running.server.engine.wait_finished("gpu-cancel", 30)
+        assert record.steps_after_cancel is not None and record.steps_after_cancel <= 1
+        reply = await running.stub.Predict(prompt_request("again", max_tokens=4))
+        assert reply.usage.completion_tokens == 4 and isinstance(reply, pb.PredictResponse)
+
+
+def test_out_of_memory_at_capture_is_a_clear_start_up_error(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Last in this file: it fills the GPU's memory for a moment."""
+    real = DecodeGraphs.capture
+
+    def starved(self: DecodeGraphs, device: torch.device) -> Any:
+        ballast = []
+        for size in (2**30, 2**24, 2**20):
+            while True:
+                try:
+                    ballast.append(torch.empty(size, dtype=torch.uint8, device=device))
+                except torch.OutOfMemoryError:
+                    break
+        try:
+            return real(self, device)
+        finally:
+            ballast.clear()
+            torch.cuda.empty_cache()
+
+    monkeypatch.setattr(DecodeGraphs, "capture", starved)
+    with pytest.raises(ModelLoadError, match="out of GPU memory capturing"):
+        build_runner(model, CUDA, 0, ExecutionOptions(max_rows=4, max_batch_tokens=4 * 1024))
