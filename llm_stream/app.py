@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 from llm_stream.access import AccessControl
 from llm_stream.access.api_keys import ApiKeyStore
+from llm_stream.engine.core import CoreStarter
 from llm_stream.engine.engine import Engine, EngineState
 from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
@@ -38,12 +39,22 @@ log = logging.getLogger(__name__)
 # How long HTTP responses get to close after the drain grace has stopped their generations.
 HTTP_CANCEL_WAIT_S = 1.0
 
-# Returns the loaded backends, the default first. Runs on a worker thread.
-ModelLoader = Callable[[Settings], Sequence[ModelBackend]]
+# Returns the loaded models, the default first: backends, or engine processes that
+# loaded theirs. Runs on a worker thread.
+ModelLoader = Callable[[Settings], Sequence[ModelBackend | CoreStarter]]
 
 
-def load_configured_models(settings: Settings) -> list[ModelBackend]:
-    """The real loader: the registry from flags and file, each entry loaded."""
+def uses_engine_process(settings: Settings) -> bool:
+    if settings.engine_process != "auto":
+        return settings.engine_process == "on"
+    from llm_stream.model.device import resolve_device
+
+    return resolve_device(settings.device).type == "cuda"
+
+
+def load_configured_models(settings: Settings) -> list[ModelBackend | CoreStarter]:
+    """The real loader: the registry from flags and file, each entry loaded (here, or in
+    an engine process of its own: ``--engine-process``)."""
     # torch is imported only when loading
     from llm_stream.model.execution import ExecutionOptions
     from llm_stream.model.loader import load_backend
@@ -57,12 +68,31 @@ def load_configured_models(settings: Settings) -> list[ModelBackend]:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_prefill_tokens=BatchLimits().max_prefill_tokens,
     )
-    backends = [
-        load_backend(spec, settings.device, settings.dtype, settings.cache_dir, options)
-        for spec in registry.specs
-    ]
-    backends.sort(key=lambda b: b.model_id != registry.default_model_id)
-    return list(backends)
+    models: list[ModelBackend | CoreStarter]
+    if uses_engine_process(settings):
+        from llm_stream.engine.process import CoreSpec, start_engine_process
+
+        models = [
+            start_engine_process(
+                CoreSpec(
+                    spec,
+                    settings.device,
+                    settings.dtype,
+                    settings.cache_dir,
+                    options,
+                    batch_limits(settings),
+                    settings.log_level,
+                )
+            )
+            for spec in registry.specs
+        ]
+    else:
+        models = [
+            load_backend(spec, settings.device, settings.dtype, settings.cache_dir, options)
+            for spec in registry.specs
+        ]
+    models.sort(key=lambda b: b.model_id != registry.default_model_id)
+    return models
 
 
 def batch_limits(settings: Settings) -> BatchLimits:
@@ -126,6 +156,9 @@ class LLMStreamServer:
         self.metrics_port = 0
         self.http_port = 0
         self.ready: asyncio.Task[None] | None = None
+        # Set when a model's engine process dies: the server can no longer serve it.
+        self.failed = asyncio.Event()
+        self.engine.lost_listeners.append(self._on_model_lost)
 
     def _bind(self) -> None:
         try:
@@ -236,6 +269,12 @@ class LLMStreamServer:
                     shown,
                     self.http_port,
                 )
+
+    def _on_model_lost(self, reason: str) -> None:
+        log.critical("cannot serve any more: %s; stopping (health NOT_SERVING)", reason)
+        self.engine.state = EngineState.DRAINING
+        asyncio.get_running_loop().create_task(self.health.mark_draining())
+        self.failed.set()
 
     async def _drain_http(self, grace: float) -> None:
         """New HTTP requests get 503 (the engine is draining) while the port stays open

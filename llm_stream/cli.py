@@ -108,6 +108,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
         _ranged(float, 0.05, 1.0),
         "share of the GPU's memory for the weights, activations and KV cache (CUDA)",
     ),
+    (
+        "--engine-process",
+        _choice("auto", "on", "off"),
+        "each model's scheduler, runner and detokeniser in a process of their own (on), in "
+        "the server's process (off); auto: on with CUDA",
+    ),
     ("--max-batch-size", _positive_int, "most requests in one BatchPredict"),
     ("--default-max-tokens", _positive_int, "max_tokens when a request sends 0"),
     ("--max-tokens-cap", _positive_int, "largest max_tokens a request may ask for"),

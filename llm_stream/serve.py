@@ -1,6 +1,7 @@
 """``python -m llm_stream.serve``: run the server until SIGTERM/SIGINT, then drain.
 
-Exit status: 0 after a clean drain, 1 when a model cannot be loaded, 2 for bad flags.
+Exit status: 0 after a clean drain, 1 when a model cannot be loaded or its engine
+process dies, 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ async def run(settings: Settings) -> int:
         stopper.cancel()
         await server.drain(grace_s=0)
         return 1
-    await stopper
+    failed = asyncio.create_task(server.failed.wait())
+    await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
+    if failed.done() and not stopper.done():
+        stopper.cancel()
+        await server.drain(grace_s=0)
+        return 1
+    failed.cancel()
     log.info("shutdown signal received")
     # A second signal while draining stops the remaining generations at once.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -43,6 +43,9 @@ class Settings:
     # and the share of the GPU's memory the model, its activations and its KV cache use.
     cuda_graphs: str = "auto"
     gpu_memory_utilization: float = 0.9
+    # Each model's engine core (scheduler, runner, text) in a process of its own ("on"),
+    # in the server's process ("off"), or "auto": its own process on CUDA.
+    engine_process: str = "auto"
     max_batch_size: int = 32
     default_max_tokens: int = 256
     max_tokens_cap: int = 2048

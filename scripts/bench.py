@@ -1,6 +1,7 @@
 """Continuous batching benchmark: StreamPredict streams against plain transformers ``generate``.
 
-One run measures, with the same weights (the embedded SmolLM2-135M-Instruct, fp32, greedy):
+One run measures, with the same weights (the served ``--model``, default the embedded
+SmolLM2-135M-Instruct; fp32 on the CPU, bf16 with ``--device cuda``; greedy):
 
 - baselines: plain ``generate`` at batch 1 (and the prefill time of one prompt), and padded
   static ``generate`` (left padding) at batch 8, 32 and 64 on the same prompts the server
@@ -11,6 +12,14 @@ One run measures, with the same weights (the embedded SmolLM2-135M-Instruct, fp3
 then prints a markdown table and a PASS/FAIL check of the targets (informational: the exit
 status is 0 either way), and writes a plot (``--plot``, default ``bench.png``).
 
+With ``--device cuda`` the run also measures, in the baselines' process, the floor a server
+of this model can reach on this GPU: one HF decode step captured in a CUDA graph over a
+static cache, at each batch size; samples the GPU's utilisation (NVML) during every
+scenario; adds a sustained 64-stream scenario (``--sustained-tokens``), optionally
+recorded with py-spy (``--py-spy FILE``); and checks the GPU targets against the floor.
+``--model`` may be ``random:SHAPE[@TOKENIZER_DIR]``: random weights of a real shape, the
+same in the server and the baselines (seeded), so nothing is downloaded.
+
 It starts a server on a free port with the server's default flags plus any ``--server-arg``
 (``--server-arg=--max-queue=64``), or uses ``--target``. The baselines run afterwards in a
 process of their own: a model loaded beside the server keeps its OpenMP threads spinning
@@ -20,6 +29,7 @@ ratios within one run: these machines are shared and noisy.
     .venv/bin/python scripts/bench.py [--tokens 64] [--plot docs/bench.png] [--no-baseline]
     .venv/bin/python scripts/bench.py --quick        # 1 and 8 streams, 16 tokens, no burst
     .venv/bin/python scripts/bench.py --target 127.0.0.1:50051
+    python scripts/bench.py --device cuda --model 1b=random:llama-3.2-1b --tokens 256
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import signal
 import socket
 import statistics
 import subprocess
@@ -257,6 +268,7 @@ class ScenarioResult:
     workload: Workload
     streams: list[StreamResult]
     seconds: float  # summed over rounds: from the start to the end of the last stream
+    gpu_util: float | None = None  # mean NVML utilisation while it ran (CUDA)
 
     @property
     def rejected(self) -> int:
@@ -267,17 +279,56 @@ class ScenarioResult:
         return [s.code for s in self.streams if s.code and s.code != "RESOURCE_EXHAUSTED"]
 
 
-async def run_scenario(client: InferenceClient, workload: Workload) -> ScenarioResult:
+class GpuMonitor:
+    """The GPU's utilisation (NVML: share of time a kernel ran), sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+        try:
+            import pynvml  # nvidia-ml-py, where an NVIDIA driver is
+
+            pynvml.nvmlInit()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._nvml: Any = pynvml
+        except Exception:  # no NVML here: no utilisation column
+            self._handle = None
+
+    @contextlib.asynccontextmanager
+    async def sampling(self) -> Any:
+        samples: list[float] = []
+        task = asyncio.create_task(self._sample(samples)) if self._handle else None
+        result: dict[str, float | None] = {"mean": None}
+        try:
+            yield result
+        finally:
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            # The first and last samples straddle the start and the end: left out.
+            inner = samples[1:-1] or samples
+            result["mean"] = statistics.fmean(inner) if inner else None
+
+    async def _sample(self, samples: list[float]) -> None:
+        while True:
+            rates = await asyncio.to_thread(self._nvml.nvmlDeviceGetUtilizationRates, self._handle)
+            samples.append(float(rates.gpu))
+            await asyncio.sleep(0.02)
+
+
+async def run_scenario(
+    client: InferenceClient, workload: Workload, gpu: GpuMonitor
+) -> ScenarioResult:
     note(f"server: {workload.label} (max_tokens {'/'.join(map(str, workload.limits))})")
     streams: list[StreamResult] = []
     seconds = 0.0
-    for _ in range(workload.rounds):
-        started = time.perf_counter()
-        results, tasks = start_streams(client, workload.prompts(), workload.max_tokens())
-        await asyncio.gather(*tasks)
-        seconds += max(r.ended for r in results) - started
-        streams.extend(results)
-    return ScenarioResult(workload, streams, seconds)
+    async with gpu.sampling() as util:
+        for _ in range(workload.rounds):
+            started = time.perf_counter()
+            results, tasks = start_streams(client, workload.prompts(), workload.max_tokens())
+            await asyncio.gather(*tasks)
+            seconds += max(r.ended for r in results) - started
+            streams.extend(results)
+    return ScenarioResult(workload, streams, seconds, util["mean"])
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
@@ -387,7 +438,11 @@ async def measure_server(
     workloads: Sequence[Workload],
     tokens: int,
     burst: bool,
+    *,
+    sustained: Workload | None = None,
+    py_spy: str | None = None,
 ) -> ServerResults:
+    gpu = GpuMonitor()
     async with InferenceClient(target) as client:
         note(f"waiting for {target} to report SERVING")
         await wait_ready(client, process)
@@ -395,8 +450,33 @@ async def measure_server(
         _, warm = start_streams(client, PROMPTS[:2], [4, 4])
         await asyncio.gather(*warm)
         await one_stream(client, PROMPTS[0], 8, StreamResult())
-        scenarios = [await run_scenario(client, w) for w in workloads]
-        return ServerResults(target, scenarios, await run_burst(client, tokens) if burst else None)
+        scenarios = [await run_scenario(client, w, gpu) for w in workloads]
+        burst_result = await run_burst(client, tokens) if burst else None
+        if sustained is not None:
+            with profiled(py_spy, process):
+                scenarios.append(await run_scenario(client, sustained, gpu))
+        return ServerResults(target, scenarios, burst_result)
+
+
+@contextlib.contextmanager
+def profiled(path: str | None, process: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """py-spy records the server (and its engine processes) meanwhile, into ``path``."""
+    if not path or process is None:
+        yield
+        return
+    command = ["py-spy", "record", "--threads", "--nonblocking", "--subprocesses", "-r", "200"]
+    command += ["-f", "raw", "-o", path, "-p", str(process.pid)]
+    note("py-spy: " + shlex.join(command))
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
 
 
 def free_port() -> int:
@@ -458,6 +538,13 @@ class Timed:
 class Baselines:
     prefill_ms: float  # median time of generate(max_new_tokens=1) on PROMPTS[0]
     runs: dict[str, Timed]  # by workload label
+    # CUDA: ms of one decode step of the model in a CUDA graph over a static cache, by rows.
+    graph_step_ms: dict[int, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def floor_tokens_per_s(self, rows: int) -> float | None:
+        step = self.graph_step_ms.get(rows)
+        return rows / step * 1000 if step else None
 
 
 def generated(row: Sequence[int], limit: int, eos_ids: frozenset[int]) -> int:
@@ -468,26 +555,70 @@ def generated(row: Sequence[int], limit: int, eos_ids: frozenset[int]) -> int:
     return len(row[:limit])
 
 
-def run_baselines(workloads: Sequence[Workload]) -> Baselines:
-    """Plain and padded static ``generate`` for each workload, in this process."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def graph_step_ms(model: Any, rows: int, prompt: int = 128, steps: int = 64) -> float:
+    """One decode step of ``rows`` rows replayed from a CUDA graph over a StaticCache.
 
-    from llm_stream.model.loader import _converted_gguf
-    from llm_stream.model.sources import embedded_gguf_path
+    The floor a server running this model's own forward can reach on this GPU: fixed
+    shapes, inputs updated in place, nothing else in the step.
+    """
+    import torch
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 16)
+        ids = torch.randint(100, 1000, (rows, prompt), device=device)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        token = torch.randint(100, 1000, (rows, 1), device=device)
+        position = torch.full((rows, 1), prompt, device=device)
+
+        def step() -> Any:
+            return model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+            token.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+            position.add_(1)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps * 1000
+
+
+def run_baselines(workloads: Sequence[Workload], model_text: str, device_name: str) -> Baselines:
+    """Plain and padded static ``generate`` for each workload, in this process; on CUDA also
+    the graph-step floor at each batch size."""
+    import torch
+    from transformers import GenerationConfig
+
+    from llm_stream.model.backend import eos_token_ids, pad_token_id
+    from llm_stream.model.loader import load_weights
+    from llm_stream.model.sources import parse_model_spec
     from llm_stream.settings import default_cache_dir
 
-    folder, _ = _converted_gguf(embedded_gguf_path(), default_cache_dir())
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model, tokenizer, _, device = load_weights(
+        parse_model_spec(model_text), device_name, "auto", default_cache_dir()
+    )
+    cuda = device.type == "cuda"
+    if cuda:  # the server's own choice: cuDNN attention re-plans every new shape
+        torch.backends.cuda.enable_cudnn_sdp(False)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     # The end-of-sequence and pad tokens the server uses (llm_stream.model.backend).
-    eos = model.generation_config.eos_token_id
-    eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(int(tokenizer.eos_token_id))
-    pad = tokenizer.pad_token_id
-    pad_id = int(pad if pad is not None else min(eos_ids))
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = pad_token_id(tokenizer, eos_ids)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def generate(prompts: Sequence[str], limits: Sequence[int]) -> Timed:
         texts = [
@@ -497,15 +628,18 @@ def run_baselines(workloads: Sequence[Workload]) -> Baselines:
             for p in prompts
         ]
         batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        batch = batch.to(device)
         config = GenerationConfig(
             max_new_tokens=max(limits),
             do_sample=False,
             eos_token_id=sorted(eos_ids),
             pad_token_id=pad_id,
         )
+        sync()
         started = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**batch, generation_config=config)
+        sync()
         seconds = time.perf_counter() - started
         rows = out[:, batch["input_ids"].shape[1] :].tolist()
         tokens = sum(
@@ -529,14 +663,21 @@ def run_baselines(workloads: Sequence[Workload]) -> Baselines:
         runs[workload.label] = Timed(
             sum(t.tokens for t in timed), sum(t.seconds for t in timed), first_token
         )
-    return Baselines(prefill * 1000, runs)
+    floors: dict[int, float] = {}
+    if cuda:
+        for rows in sorted({w.streams for w in workloads}):
+            note(f"floor: one decode step of {rows} rows in a CUDA graph")
+            floors[rows] = graph_step_ms(model, rows)
+    return Baselines(prefill * 1000, runs, floors, device.type)
 
 
-def baselines_in_subprocess(workloads: Sequence[Workload]) -> Baselines:
+def baselines_in_subprocess(
+    workloads: Sequence[Workload], model_text: str, device: str
+) -> Baselines:
     """run_baselines in a fresh process that exits (with its OpenMP threads) when done."""
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(run_baselines, list(workloads)).result()
+        return pool.submit(run_baselines, list(workloads), model_text, device).result()
 
 
 # -- report --------------------------------------------------------------------------------
@@ -554,6 +695,8 @@ class Row:
     rejected: int | None = None
     errors: int | None = None
     mixed: bool = False  # max_tokens differ between streams
+    floor_tokens_per_s: float | None = None  # CUDA: streams / the graph step of that many rows
+    gpu_util: float | None = None  # CUDA: mean NVML utilisation, %
 
     @property
     def tokens_per_s(self) -> float:
@@ -564,6 +707,12 @@ class Row:
         if not self.static_tokens_per_s:
             return None
         return self.tokens_per_s / self.static_tokens_per_s
+
+    @property
+    def floor_ratio(self) -> float | None:
+        if not self.floor_tokens_per_s:
+            return None
+        return self.tokens_per_s / self.floor_tokens_per_s
 
 
 def baseline_rows(workloads: Sequence[Workload], baselines: Baselines) -> list[Row]:
@@ -597,6 +746,7 @@ def server_row(result: ScenarioResult, baselines: Baselines | None) -> Row:
     ttfts = [t for s in streams if (t := s.ttft_ms) is not None]
     itls = itl_ms(streams)
     static = baselines.runs.get(result.workload.label) if baselines else None
+    floor = baselines.floor_tokens_per_s(result.workload.streams) if baselines else None
     return Row(
         f"server, {result.workload.label}",
         result.workload.streams,
@@ -608,6 +758,8 @@ def server_row(result: ScenarioResult, baselines: Baselines | None) -> Row:
         result.rejected,
         len(result.errors),
         result.workload.mixed,
+        floor,
+        result.gpu_util,
     )
 
 
@@ -615,19 +767,35 @@ def cell(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table(rows: Sequence[Row]) -> list[str]:
+def table(rows: Sequence[Row], gpu: bool = False) -> list[str]:
+    extra_head = " x floor | GPU util % |" if gpu else ""
+    extra_rule = "---:|---:|" if gpu else ""
     lines = [
         "| scenario | streams (batch) | tokens | seconds | tokens/s | x static | TTFT p50 ms "
-        "| TTFT p95 ms | ITL p50 ms | ITL p95 ms | rejected | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TTFT p95 ms | ITL p50 ms | ITL p95 ms | rejected | errors |" + extra_head,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + extra_rule,
     ]
     for row in rows:
+        extra = f" {cell(row.floor_ratio, 2)} | {cell(row.gpu_util)} |" if gpu else ""
         lines.append(
             f"| {row.scenario} | {row.streams} | {row.tokens} | {row.seconds:.2f} "
             f"| {row.tokens_per_s:.1f} | {cell(row.ratio, 2)} | {cell(row.ttft[0])} "
             f"| {cell(row.ttft[1])} | {cell(row.itl[0], 1)} | {cell(row.itl[1], 1)} "
-            f"| {cell(row.rejected)} | {cell(row.errors)} |"
+            f"| {cell(row.rejected)} | {cell(row.errors)} |" + extra
         )
+    return lines
+
+
+def floor_lines(baselines: Baselines) -> list[str]:
+    lines = [
+        "The floor: one decode step of the model in a CUDA graph (static cache, 128 cached "
+        "positions, greedy), as a server of this model could at best repeat it:",
+        "",
+        "| rows | graph step ms | tokens/s |",
+        "|---:|---:|---:|",
+    ]
+    for rows, step in sorted(baselines.graph_step_ms.items()):
+        lines.append(f"| {rows} | {step:.2f} | {rows / step * 1000:,.0f} |")
     return lines
 
 
@@ -737,6 +905,71 @@ def targets(results: ServerResults, rows: dict[str, Row], baselines: Baselines |
     return lines
 
 
+def gpu_targets(results: ServerResults, rows: dict[str, Row], baselines: Baselines) -> list[str]:
+    """The GPU issue's targets, against the floor measured in the same run."""
+    lines = ["GPU targets (informational):", ""]
+    step = baselines.graph_step_ms
+    for label, rows_at, least in (("64 streams", 64, 0.6), ("32 streams", 32, 0.6)):
+        row = rows.get(f"server, {label}")
+        if row is None or row.floor_ratio is None:
+            lines.append(check(None, f"{label} >= {least}x the graph-step floor (not measured)"))
+            continue
+        lines.append(
+            check(
+                row.floor_ratio >= least,
+                f"{label}: {row.tokens_per_s:,.0f} tokens/s >= {least}x the floor "
+                f"{row.floor_tokens_per_s:,.0f} at {rows_at} rows ({row.floor_ratio:.2f}x)",
+            )
+        )
+    row64 = rows.get("server, 64 streams")
+    if row64 and row64.itl[1] is not None and 64 in step:
+        lines.append(
+            check(
+                row64.itl[1] <= 2 * step[64],
+                f"64 streams: ITL p95 {row64.itl[1]:.1f} ms <= 2x the graph step {step[64]:.2f} ms",
+            )
+        )
+    one = rows.get("server, 1 stream")
+    if one and one.itl[0] is not None and 1 in step:
+        lines.append(
+            check(
+                one.itl[0] <= 1.5 * step[1],
+                f"1 stream: ITL p50 {one.itl[0]:.2f} ms <= 1.5x the graph step {step[1]:.2f} ms",
+            )
+        )
+    if one and one.ttft[0] is not None and 1 in step:
+        limit = baselines.prefill_ms + step[1]
+        lines.append(
+            check(
+                one.ttft[0] <= limit,
+                f"1 stream: TTFT p50 {one.ttft[0]:.1f} ms <= prefill {baselines.prefill_ms:.1f} "
+                f"ms + one step {step[1]:.2f} ms",
+            )
+        )
+    if results.burst:
+        steady = percentile(results.burst.steady_itl(), 95)
+        spike = percentile(results.burst.burst_itl(), 95)
+        if steady and spike is not None:
+            lines.append(
+                check(
+                    spike <= 3 * steady,
+                    f"burst of 32 into 32: running ITL p95 {spike:.1f} ms <= 3x steady "
+                    f"{steady:.1f} ms ({spike / steady:.2f}x)",
+                )
+            )
+    sustained = [r for r in results.scenarios if r.workload.label.endswith("sustained")]
+    if sustained and sustained[0].gpu_util is not None:
+        util = sustained[0].gpu_util
+        lines.append(
+            check(
+                util >= 60, f"GPU utilisation during sustained 64-stream decode {util:.0f}% >= 60%"
+            )
+        )
+    else:
+        lines.append(check(None, "GPU utilisation >= 60% (no NVML or no sustained scenario)"))
+    return lines
+
+
 def plot(
     path: str, generate: Sequence[Row], served: Sequence[Row], burst: BurstResult | None
 ) -> None:
@@ -835,13 +1068,15 @@ def report(
     generate = baseline_rows(workloads, baselines) if baselines else []
     served = [server_row(r, baselines) for r in results.scenarios]
     rows = generate + served
+    gpu = args.device.startswith("cuda")
     served_model = "its default model" if args.target else f"model {args.model}"
+    precision = "bf16" if gpu else "fp32"
     lines = [
-        f"Server {results.target}, {served_model}; greedy, max_tokens "
-        f"{args.tokens}; baselines: embedded SmolLM2-135M-Instruct, fp32. {os.cpu_count()} "
+        f"Server {results.target}, {served_model} on {args.device} ({precision}); greedy, "
+        f"max_tokens {args.tokens}; baselines: the same model and device. {os.cpu_count()} "
         f"CPUs, load average {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} now.",
         "",
-        *table(rows),
+        *table(rows, gpu),
         "",
         "x static: server tokens/s over generate's at the same batch size (1 stream: plain "
         "generate); tokens/s = completion tokens / wall time to the last stream's end. "
@@ -849,8 +1084,16 @@ def report(
         "generate(max_new_tokens=1) on the 1-stream prompt). ITL: gaps between consecutive "
         "tokens of a stream, pooled. The 1-stream rows are 3 runs one after another, summed. "
         "Static generate counts each row's tokens up to its "
-        "end-of-sequence or its own max_tokens, but runs the batch to the largest max_tokens.",
+        "end-of-sequence or its own max_tokens, but runs the batch to the largest max_tokens."
+        + (
+            " x floor: server tokens/s over the graph-step floor at that many rows. GPU util: "
+            "NVML's share of time a kernel ran, sampled every 20 ms during the scenario."
+            if gpu
+            else ""
+        ),
     ]
+    if baselines and baselines.graph_step_ms:
+        lines += ["", *floor_lines(baselines)]
     errors = [code for r in results.scenarios for code in r.errors]
     if errors:
         counts = {code: errors.count(code) for code in sorted(set(errors))}
@@ -858,7 +1101,10 @@ def report(
     if results.burst:
         lines += ["", *burst_lines(results.burst)]
     by_name = {r.scenario: r for r in rows}
-    lines += ["", *targets(results, by_name, baselines)]
+    if gpu and baselines:
+        lines += ["", *gpu_targets(results, by_name, baselines)]
+    else:
+        lines += ["", *targets(results, by_name, baselines)]
     plot(args.plot, generate, served, results.burst)
     lines += ["", f"Plot: {args.plot}"]
     sys.stdout.write("\n".join(lines) + "\n")
@@ -866,11 +1112,19 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded", help="the served model (default embedded)")
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="the served model, as --model takes it (default embedded); the baselines load "
+        "the same (random:SHAPE for random weights of a real shape)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: the server's and the baselines'"
+    )
     parser.add_argument(
         "--target",
         help="use a running server (host:port) instead of starting one; the baselines "
-        "assume it serves the embedded model",
+        "assume it serves --model",
     )
     parser.add_argument(
         "--server-arg",
@@ -881,6 +1135,15 @@ def main() -> None:
         "--server-arg=--max-queue=64 (repeatable)",
     )
     parser.add_argument("--tokens", type=int, help="max_tokens per stream (default 64, quick 16)")
+    parser.add_argument(
+        "--sustained-tokens",
+        type=int,
+        help="tokens per stream of a last, sustained 64-stream scenario (default: 8x --tokens "
+        "on CUDA, none on the CPU); the GPU utilisation target is read there",
+    )
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="record the server with py-spy during the sustained run"
+    )
     parser.add_argument("--plot", default="bench.png", help="PNG to write (default bench.png)")
     parser.add_argument("--quick", action="store_true", help="1 and 8 streams only, no burst")
     parser.add_argument("--no-baseline", action="store_true", help="skip plain/static generate")
@@ -888,29 +1151,42 @@ def main() -> None:
     args.tokens = args.tokens or (16 if args.quick else 64)
     if args.tokens < 1:
         parser.error("--tokens must be at least 1")
+    gpu = args.device.startswith("cuda")
+    sustained_tokens = args.sustained_tokens
+    if sustained_tokens is None:
+        sustained_tokens = 8 * args.tokens if gpu and not args.quick else 0
+    sustained = None
+    if sustained_tokens > 0:
+        sustained = Workload("64 streams, sustained", 64, (sustained_tokens,))
     load_at_start = os.getloadavg()[0]
     workloads = plan(args.tokens, args.quick)
-    burst = not args.quick
 
     def measure(target: str, process: subprocess.Popen[bytes] | None) -> ServerResults:
-        return asyncio.run(measure_server(target, process, workloads, args.tokens, burst))
+        return asyncio.run(
+            measure_server(
+                target,
+                process,
+                workloads,
+                args.tokens,
+                not args.quick,
+                sustained=sustained,
+                py_spy=args.py_spy,
+            )
+        )
 
     if args.target:
         if args.server_arg:
             note("--server-arg is ignored with --target")
         results = measure(args.target, None)
     else:
-        extra = [part for arg in args.server_arg for part in shlex.split(arg)]
+        extra = ["--device", args.device]
+        extra += [part for arg in args.server_arg for part in shlex.split(arg)]
         with server(args.model, extra) as (target, process):
             results = measure(target, process)
     baselines = None
-    if args.no_baseline:
-        pass
-    elif args.model != "embedded":
-        note("no baseline: it loads the embedded model only")
-    else:
+    if not args.no_baseline:
         # Only now: the server has stopped (or, with --target, sits idle).
-        baselines = baselines_in_subprocess(workloads)
+        baselines = baselines_in_subprocess(workloads, args.model, args.device)
     report(args, workloads, results, baselines, load_at_start)
 
 

@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +52,7 @@ def free_port() -> int:
 # -- the server process ----------------------------------------------------------
 
 
-class SimulatedDevice:
+class SimulatedDevice:  # the StepRunner protocol
     """A StepRunner whose device takes ``step_s`` per step and never holds the GIL."""
 
     pipeline_depth = 1
@@ -96,34 +99,58 @@ def write_json(path: str, value: object) -> None:
     Path(path).write_text(json.dumps(value))
 
 
-def serve(port: int, step_s: float, threads_file: str) -> None:
+class SimulatedBackend:
+    """The embedded model's tokenizer and preparation, with a simulated device."""
+
+    def __init__(self, inner: Any, step_s: float) -> None:
+        self._inner = inner
+        self.model_id, self.version = inner.model_id, inner.version
+        self.device = "simulated"
+        self.execution = f"simulated device, {step_s * 1e3:g} ms a step"
+        ids = inner._tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
+        self._runner = SimulatedDevice(inner.new_runner().budget, step_s, ids)
+
+    def prepare(self, request: Any) -> Any:
+        return self._inner.prepare(request)
+
+    def text_assembler(self, prepared: Any) -> Any:
+        return self._inner.text_assembler(prepared)
+
+    def new_runner(self) -> SimulatedDevice:
+        return self._runner
+
+
+def simulated_in_child(spec: Any) -> SimulatedBackend:
+    """The engine process's loader (module level, so that it pickles)."""
+    from llm_stream.engine.process import load_model
+
+    return SimulatedBackend(load_model(spec), float(os.environ["HOST_CEILING_STEP_S"]))
+
+
+def serve(port: int, step_s: float, threads_file: str, engine_process: bool) -> None:
     import uvloop
 
-    from llm_stream.app import LLMStreamServer, load_configured_models
+    from llm_stream.app import LLMStreamServer, batch_limits, load_configured_models
+    from llm_stream.engine.process import CoreSpec, start_engine_process
+    from llm_stream.model.execution import ExecutionOptions
+    from llm_stream.model.sources import parse_model_spec
     from llm_stream.settings import Settings
 
-    class Backend:
-        def __init__(self, inner: Any) -> None:
-            self._inner = inner
-            self.model_id, self.version = inner.model_id, inner.version
-            self.device, self.execution = (
-                "simulated",
-                f"simulated device, {step_s * 1e3:g} ms a step",
-            )
-            ids = inner._tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
-            self._runner = SimulatedDevice(inner.new_runner().budget, step_s, ids)
-
-        def prepare(self, request: Any) -> Any:
-            return self._inner.prepare(request)
-
-        def text_assembler(self, prepared: Any) -> Any:
-            return self._inner.text_assembler(prepared)
-
-        def new_runner(self) -> SimulatedDevice:
-            return self._runner
-
     def load(settings: Settings) -> list[Any]:
-        return [Backend(b) for b in load_configured_models(settings)]
+        if engine_process:
+            os.environ["HOST_CEILING_STEP_S"] = str(step_s)
+            spec = CoreSpec(
+                parse_model_spec("embedded"),
+                "cpu",
+                "auto",
+                settings.cache_dir,
+                ExecutionOptions(),
+                batch_limits(settings),
+                "WARNING",
+                loader=simulated_in_child,
+            )
+            return [start_engine_process(spec)]
+        return [SimulatedBackend(b, step_s) for b in load_configured_models(settings)]
 
     async def main() -> None:
         settings = Settings(
@@ -170,9 +197,16 @@ async def measure(port: int, streams: int, tokens: int) -> tuple[int, float, lis
 
 
 def thread_times(pid: int) -> dict[int, float]:
+    """CPU seconds by thread of the server; its engine processes' threads by -pid."""
     import psutil
 
-    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+    server = psutil.Process(pid)
+    times = {t.id: t.user_time + t.system_time for t in server.threads()}
+    for child in server.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cpu = child.cpu_times()
+            times[-child.pid] = cpu.user + cpu.system
+    return times
 
 
 def main() -> None:
@@ -180,11 +214,21 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--step-ms", type=float, default=3.5)
+    parser.add_argument(
+        "--py-spy", metavar="FILE", help="record the server with py-spy (raw format) into FILE"
+    )
+    parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="the scheduler, runner and text in a child process (--engine-process on)",
+    )
     args = parser.parse_args()
     port = free_port()
     threads_file = tempfile.mktemp(suffix=".json")
     context = multiprocessing.get_context("spawn")
-    server = context.Process(target=serve, args=(port, args.step_ms / 1000, threads_file))
+    server = context.Process(
+        target=serve, args=(port, args.step_ms / 1000, threads_file, args.engine_process)
+    )
     server.start()
     try:
         while not os.path.exists(threads_file):
@@ -193,9 +237,25 @@ def main() -> None:
             time.sleep(0.2)
         assert server.pid is not None
         names = {v: k for k, v in json.loads(Path(threads_file).read_text()).items()}
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen(
+                [
+                    *("py-spy", "record", "--threads", "--nonblocking", "-r", "250", "-f", "raw"),
+                    *("--subprocesses", "-o", args.py_spy, "-p", str(server.pid)),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1)
         before = thread_times(server.pid)
+        client_before = time.process_time()
         count, seconds, gaps = asyncio.run(measure(port, args.streams, args.tokens))
+        client_cpu = time.process_time() - client_before
         after = thread_times(server.pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
     finally:
         server.terminate()
         server.join(10)
@@ -212,7 +272,13 @@ def main() -> None:
     )
     out("\n| server thread | CPU s | us per token | share of the run |\n|---|---:|---:|---:|\n")
     rows = sorted(
-        ((after[t] - before.get(t, 0.0), names.get(t, f"thread {t}")) for t in after),
+        (
+            (
+                after[t] - before.get(t, 0.0),
+                names.get(t, f"thread {t}" if t > 0 else f"engine process {-t}"),
+            )
+            for t in after
+        ),
         reverse=True,
     )
     for cpu, name in rows:
@@ -220,6 +286,11 @@ def main() -> None:
             out(f"| {name} | {cpu:.2f} | {cpu / count * 1e6:.1f} | {cpu / seconds:.0%} |\n")
     total = sum(cpu for cpu, _ in rows)
     out(f"| all | {total:.2f} | {total / count * 1e6:.1f} | {total / seconds:.0%} |\n")
+    out(
+        f"\nThe client process (another interpreter) used {client_cpu:.2f} s of CPU "
+        f"({client_cpu / seconds:.0%} of the run): on a machine with few cores it competes "
+        "with the server, and the result is a lower bound.\n"
+    )
 
 
 if __name__ == "__main__":

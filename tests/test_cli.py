@@ -43,6 +43,7 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--prefill-chunk": ("32", "prefill_chunk", 32),
     "--cuda-graphs": ("OFF", "cuda_graphs", "off"),
     "--gpu-memory-utilization": ("0.5", "gpu_memory_utilization", 0.5),
+    "--engine-process": ("on", "engine_process", "on"),
     "--drain-grace": ("2.5", "drain_grace_s", 2.5),
     "--max-message-mb": ("7", "max_message_bytes", 7 * MIB),
     "--keepalive-time": ("12", "keepalive_time_s", 12.0),

@@ -36,7 +36,7 @@ def stream(max_tokens: int = 10, stop: tuple[str, ...] = ()) -> StreamState:
 def stage() -> tuple[OutputStage, list[Sequence]]:
     released: list[Sequence] = []
     published: list[PublishedStep] = []
-    return OutputStage("m", published.append, released.append, lambda: 1), released
+    return OutputStage("m", published.append, released.append, lambda: (1, 0, 1)), released
 
 
 def texts(step: PublishedStep, key: int) -> list[str]:

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable
 from collections.abc import Sequence as Items
@@ -27,29 +26,20 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import Enum
 
-from llm_stream.engine.output import (
-    Event,
-    FinishedGeneration,
-    OutputStage,
-    PublishedStep,
-    StreamState,
-)
-from llm_stream.engine.scheduler import BatchLimits, Scheduler, StepOutput
-from llm_stream.engine.sequence import Sequence
+from llm_stream.engine.core import CoreStarter, LocalCore, ModelCore
+from llm_stream.engine.output import Event, FinishedGeneration, PublishedStep
+from llm_stream.engine.scheduler import BatchLimits
+from llm_stream.engine.sequence import new_key
 from llm_stream.engine.types import (
     Completion,
     GenerationRequest,
     ModelBackend,
+    ModelInfo,
     SamplingParams,
     StreamEnd,
     TokenEvent,
 )
-from llm_stream.errors import (
-    InvalidRequestError,
-    ModelNotFoundError,
-    UnavailableError,
-    quoted_input,
-)
+from llm_stream.errors import ModelNotFoundError, UnavailableError, quoted_input
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +64,8 @@ class StepTiming:
 
 @dataclass(eq=False)
 class _Model:
-    backend: ModelBackend
-    scheduler: Scheduler
-    output: OutputStage
-    threads: tuple[threading.Thread, threading.Thread]
+    info: ModelInfo
+    core: ModelCore
 
 
 @dataclass(eq=False)
@@ -85,7 +73,7 @@ class _Stream:
     """A submitted generation, as the event loop holds it."""
 
     model: _Model
-    sequence: Sequence
+    key: int
     outbox: asyncio.Queue[list[Event]]
 
 
@@ -103,13 +91,17 @@ class Engine:
         # Called on the event loop: with each FinishedGeneration, and with each step's timings.
         self.finish_listeners: list[Callable[[FinishedGeneration], None]] = []
         self.timing_listeners: list[Callable[[StepTiming], None]] = []
+        # Called on the event loop when a model's core dies (its process exited).
+        self.lost_listeners: list[Callable[[str], None]] = []
 
     # -- registry ------------------------------------------------------------
 
-    def add_backend(self, backend: ModelBackend, default: bool = False) -> None:
-        """Serve this model: its scheduler and output threads start now. Call on the event loop."""
+    def add_backend(self, backend: ModelBackend | CoreStarter, default: bool = False) -> None:
+        """Serve this model: its core starts now (in this process for a loaded backend).
+
+        Call on the event loop.
+        """
         loop = self._loop = asyncio.get_running_loop()
-        model_id = backend.model_id
 
         def publish(step: PublishedStep) -> None:
             try:
@@ -117,37 +109,26 @@ class Engine:
             except RuntimeError:  # the loop is gone (shutdown): keep the records only
                 self.finished.extend(step.finished)
 
-        runner = backend.new_runner()
-        text_thread = runner.pipeline_depth > 0  # a device computes: text on its own thread
+        core: ModelCore
 
-        # Each needs the other: the scheduler hands tokens to the output stage, which
-        # asks the scheduler to free the rows of streams its text has ended.
-        def deliver(outputs: list[StepOutput]) -> None:
-            if text_thread:
-                output.put(outputs)
-            else:
-                output.publish_now(outputs)
+        def lost(reason: str) -> None:
+            loop.call_soon_threadsafe(self._on_core_lost, reason)
 
-        scheduler = Scheduler(runner, self.limits, deliver)
-        output = OutputStage(model_id, publish, scheduler.release, lambda: scheduler.running)
-        threads = (
-            threading.Thread(
-                target=scheduler.run, name=f"llm-stream-batch-{model_id}", daemon=True
-            ),
-            threading.Thread(target=output.run, name=f"llm-stream-text-{model_id}", daemon=True),
-        )
-        self._models[model_id] = _Model(backend, scheduler, output, threads)
-        for thread in threads:
-            thread.start()
+        if isinstance(backend, CoreStarter):
+            core = backend.start_core(publish, lost)
+        else:
+            core = LocalCore(backend, self.limits, publish)
+        model_id = core.info.model_id
+        self._models[model_id] = _Model(core.info, core)
         if default or not self.default_model_id:
             self.default_model_id = model_id
 
     @property
-    def backends(self) -> dict[str, ModelBackend]:
-        return {model_id: m.backend for model_id, m in self._models.items()}
+    def backends(self) -> dict[str, ModelInfo]:
+        return {model_id: m.info for model_id, m in self._models.items()}
 
-    def backend_for(self, model_id: str) -> ModelBackend:
-        return self._model(model_id).backend
+    def backend_for(self, model_id: str) -> ModelInfo:
+        return self._model(model_id).info
 
     def _model(self, model_id: str) -> _Model:
         model = self._models.get(model_id or self.default_model_id)
@@ -161,12 +142,12 @@ class Engine:
     @property
     def active(self) -> int:
         """Sequences in a batch (prefilling or decoding), over all models."""
-        return sum(m.scheduler.running for m in self._models.values())
+        return sum(m.core.running for m in self._models.values())
 
     @property
     def waiting(self) -> int:
         """Sequences queued for a batch row."""
-        return sum(m.scheduler.waiting for m in self._models.values())
+        return sum(m.core.waiting for m in self._models.values())
 
     @property
     def in_flight(self) -> int:
@@ -175,7 +156,7 @@ class Engine:
     @property
     def steps(self) -> int:
         """Scheduler steps run so far, over all models."""
-        return sum(m.scheduler.steps for m in self._models.values())
+        return sum(m.core.steps for m in self._models.values())
 
     def check_accepting(self) -> None:
         if self.state is EngineState.STARTING:
@@ -192,8 +173,9 @@ class Engine:
     ) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
         """Token events, then one StreamEnd. Leaving early stops the model."""
         self.check_accepting()
-        model, state = await self._prepare(request)
-        (stream,) = self._submit(model, state)
+        (stream,) = await self._admit(self._model(request.model_id), [request])
+        if isinstance(stream, Exception):
+            raise stream
         # Closed with this generator, so that leaving early cancels at once.
         async with aclosing(self._events(stream)) as events:
             async for event in events:
@@ -208,37 +190,34 @@ class Engine:
     ) -> list[Completion | Exception]:
         """Every item a sequence of the same batch; an item's own error stays its result.
 
-        Items are prepared, then submitted together so they share their prefill;
-        if the server cannot take them all, none runs (RESOURCE_EXHAUSTED).
+        Items are admitted together so they share their prefill; if the server
+        cannot take them all, none runs (RESOURCE_EXHAUSTED).
         """
         self.check_accepting()
         started = time.monotonic()
-        prepared = await asyncio.gather(
-            *(self._prepare(item) for item in items if not isinstance(item, Exception)),
-            return_exceptions=True,
-        )
         results: list[Completion | Exception] = []
-        accepted: dict[int, tuple[_Model, StreamState]] = {}
-        outcomes = iter(prepared)
-        for item in items:
-            outcome = item if isinstance(item, Exception) else next(outcomes)
-            if not isinstance(outcome, BaseException):
-                try:  # an item that could never fit is that item's error, not the call's
-                    outcome[0].scheduler.check_budget(outcome[1].sequence)
-                except InvalidRequestError as exc:
-                    outcome = exc
-            if isinstance(outcome, BaseException):
-                results.append(_as_exception(outcome))
-            else:
-                accepted[len(results)] = outcome
-                results.append(UnavailableError("not run"))  # replaced below
+        groups: dict[str, tuple[_Model, list[tuple[int, GenerationRequest]]]] = {}
+        for index, item in enumerate(items):
+            results.append(UnavailableError("not run"))  # replaced below
+            if isinstance(item, Exception):
+                results[index] = item
+                continue
+            try:
+                model = self._model(item.model_id)
+            except ModelNotFoundError as exc:
+                results[index] = exc
+                continue
+            groups.setdefault(model.info.model_id, (model, []))[1].append((index, item))
         runs: list[tuple[int, asyncio.Task[Completion]]] = []
-        submitted: list[_Stream] = []
+        admitted: list[_Stream] = []
         try:
-            for model, group in _by_model(accepted).items():
-                streams = self._submit(model, *(state for _, state in group))
-                submitted += streams
+            for model, group in groups.values():
+                streams = await self._admit(model, [item for _, item in group])
                 for (index, _), stream in zip(group, streams, strict=True):
+                    if isinstance(stream, Exception):
+                        results[index] = stream
+                        continue
+                    admitted.append(stream)
                     runs.append((index, asyncio.create_task(self._collect(stream))))
             for index, run in runs:
                 try:
@@ -248,9 +227,9 @@ class Engine:
         except BaseException:  # refused for overload, or the client left: none goes on
             for _, run in runs:
                 run.cancel()
-            for stream in submitted:
-                stream.model.scheduler.cancel(stream.sequence)
-                self._outboxes.pop(stream.sequence.key, None)  # a task cancelled unstarted
+            for stream in admitted:
+                stream.model.core.cancel(stream.key)
+                self._outboxes.pop(stream.key, None)  # a task cancelled unstarted
             raise
         latency_ms = (time.monotonic() - started) * 1000
         for index, result in enumerate(results):
@@ -279,36 +258,37 @@ class Engine:
     # -- the path every request takes -----------------------------------------
 
     async def _complete(self, request: GenerationRequest) -> Completion:
-        model, state = await self._prepare(request)
-        (stream,) = self._submit(model, state)
+        (stream,) = await self._admit(self._model(request.model_id), [request])
+        if isinstance(stream, Exception):
+            raise stream
         return await self._collect(stream)
 
-    async def _prepare(self, request: GenerationRequest) -> tuple[_Model, StreamState]:
-        model = self._model(request.model_id)
-        backend = model.backend
+    async def _admit(
+        self, model: _Model, requests: Items[GenerationRequest]
+    ) -> list[_Stream | Exception]:
+        """Prepare and queue ``requests`` together; each gets its stream or its own error.
 
-        def prepare() -> StreamState:
-            prepared = backend.prepare(request)
-            return StreamState(Sequence(prepared), backend.text_assembler(prepared))
-
-        loop = asyncio.get_running_loop()
-        return model, await loop.run_in_executor(self._prepare_pool, prepare)
-
-    def _submit(self, model: _Model, *states: StreamState) -> list[_Stream]:
-        streams: list[_Stream] = []
-        for state in states:
-            stream = _Stream(model, state.sequence, asyncio.Queue())
-            streams.append(stream)
-            self._outboxes[state.sequence.key] = stream.outbox
-            model.output.register(state)
+        Outboxes exist before the core can publish to them.
+        """
+        streams = [_Stream(model, new_key(), asyncio.Queue()) for _ in requests]
+        for stream in streams:
+            self._outboxes[stream.key] = stream.outbox
         try:
-            model.scheduler.submit(*(state.sequence for state in states))
+            admitted = await model.core.admit(
+                [(stream.key, request) for stream, request in zip(streams, requests, strict=True)]
+            )
         except BaseException:
-            for state in states:
-                del self._outboxes[state.sequence.key]
-                model.output.forget(state.sequence.key)
+            for stream in streams:
+                self._outboxes.pop(stream.key, None)
             raise
-        return streams
+        results: list[_Stream | Exception] = []
+        for stream, error in zip(streams, admitted, strict=True):
+            if error is not None:
+                self._outboxes.pop(stream.key, None)
+                results.append(error)
+            else:
+                results.append(stream)
+        return results
 
     async def _events(self, stream: _Stream) -> AsyncGenerator[TokenEvent | StreamEnd, None]:
         ended = False
@@ -324,8 +304,8 @@ class Engine:
                         break
         finally:
             if not ended:
-                stream.model.scheduler.cancel(stream.sequence)
-            self._outboxes.pop(stream.sequence.key, None)
+                stream.model.core.cancel(stream.key)
+            self._outboxes.pop(stream.key, None)
 
     async def _collect(self, stream: _Stream) -> Completion:
         started = time.monotonic()
@@ -343,7 +323,7 @@ class Engine:
             finish_reason=end.finish_reason,
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
-            model_version=stream.model.backend.version,
+            model_version=stream.model.info.version,
             latency_ms=(time.monotonic() - started) * 1000,
         )
 
@@ -359,6 +339,10 @@ class Engine:
         timing = StepTiming(step.model_id, step.batch_rows, step.first_token_s, step.inter_token_s)
         for listener in self.timing_listeners:
             listener(timing)
+
+    def _on_core_lost(self, reason: str) -> None:
+        for listener in self.lost_listeners:
+            listener(reason)
 
     def _on_finished(self, record: FinishedGeneration) -> None:
         self.finished.append(record)
@@ -382,40 +366,9 @@ class Engine:
     def stop_all(self) -> None:
         """Cancel every sequence, waiting or running (drain grace has expired)."""
         for model in self._models.values():
-            model.scheduler.cancel_all()
+            model.core.cancel_all()
 
     async def close(self, timeout_s: float = 60.0) -> None:
-        """Cancel everything and wait for each model's threads to finish.
-
-        A thread left inside a torch call when the interpreter exits aborts the
-        process, so the threads are joined (off the event loop) before it does.
-        """
+        """Cancel everything and wait for each model's core to stop."""
         for model in self._models.values():
-            model.scheduler.close()
-        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
-        loop = asyncio.get_running_loop()
-        for model in self._models.values():
-            batch, text = model.threads
-            await loop.run_in_executor(None, batch.join, timeout_s)
-            if batch.is_alive():
-                log.warning(
-                    "the batch of %s did not stop within %.0f s", model.backend.model_id, timeout_s
-                )
-            model.output.close()
-            await loop.run_in_executor(None, text.join, timeout_s)
-
-
-def _as_exception(outcome: BaseException) -> Exception:
-    if isinstance(outcome, Exception):
-        return outcome
-    raise outcome  # CancelledError and friends are not an item's result
-
-
-def _by_model(
-    accepted: dict[int, tuple[_Model, StreamState]],
-) -> dict[_Model, list[tuple[int, StreamState]]]:
-    """Accepted items grouped by model, each with its place in the answer."""
-    groups: dict[_Model, list[tuple[int, StreamState]]] = {}
-    for index, (model, sequence) in accepted.items():
-        groups.setdefault(model, []).append((index, sequence))
-    return groups
+            await model.core.close(timeout_s)

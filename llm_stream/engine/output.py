@@ -73,9 +73,13 @@ class PublishedStep:
     """One step's events, ready for the event loop."""
 
     model_id: str
-    # Sequences in the batch when the step was published.
+    # Sequences in the batch and waiting, and steps run, when the step was published.
     batch_rows: int
+    waiting: int = 0
+    steps: int = 0
     events: list[tuple[int, list[Event]]] = field(default_factory=list)
+    # Keys the scheduler is done with (their last output was in this step).
+    forgotten: list[int] = field(default_factory=list)
     finished: list[FinishedGeneration] = field(default_factory=list)
     first_token_s: list[float] = field(default_factory=list)
     inter_token_s: list[float] = field(default_factory=list)
@@ -87,12 +91,13 @@ class OutputStage:
         model_id: str,
         publish: Callable[[PublishedStep], None],
         release: Callable[[Sequence], None],
-        batch_rows: Callable[[], int],
+        counters: Callable[[], tuple[int, int, int]],
     ) -> None:
+        """``counters``: the scheduler's (running, waiting, steps), read at each publish."""
         self.model_id = model_id
         self._publish = publish
         self._release = release
-        self._batch_rows = batch_rows
+        self._counters = counters
         self._streams: dict[int, StreamState] = {}
         self._lock = threading.Lock()
         self._inbox: queue.SimpleQueue[list[StepOutput] | None] = queue.SimpleQueue()
@@ -152,12 +157,13 @@ class OutputStage:
 
     def process(self, outputs: list[StepOutput]) -> PublishedStep:
         """Turn one step's token ids into stream events (any thread, one at a time)."""
-        step = PublishedStep(self.model_id, self._batch_rows())
+        step = PublishedStep(self.model_id, *self._counters())
         for output in outputs:
             with self._lock:
                 state = self._streams.get(output.key)
                 if output.finished:  # the scheduler sends nothing more for it
                     self._streams.pop(output.key, None)
+                    step.forgotten.append(output.key)
             if state is None:
                 continue
             if output.first_token_s is not None:

@@ -214,18 +214,30 @@ class StepRunner(Protocol):
         ...
 
 
-class ModelBackend(Protocol):
+class ModelInfo(Protocol):
+    """What the faces and the ready line say about a served model."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def execution(self) -> str:
+        """How the model executes (attention, KV cache, CUDA graphs, engine process)."""
+        ...
+
+
+class ModelBackend(ModelInfo, Protocol):
     """What the engine needs from a loaded model (implemented in llm_stream.model).
 
     ``prepare`` and ``text_assembler`` are quick and run on a preparation thread;
     the runner's steps run on the model's scheduler thread; neither on the event loop.
     """
-
-    model_id: str
-    version: str
-    device: str
-    # What the ready line reports about the model's execution (attention, graphs...).
-    execution: str
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Tokenize and check; InvalidRequestError when the request cannot be served."""

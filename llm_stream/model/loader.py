@@ -79,6 +79,18 @@ def load_backend(
     options: ExecutionOptions | None = None,
 ) -> HFBackend:
     """Load ``spec`` onto its device and build its runner (KV cache, CUDA graphs)."""
+    model, tokenizer, version, device = load_weights(spec, device_name, dtype_name, cache_dir)
+    pad_id = pad_token_id(tokenizer, eos_token_ids(model, tokenizer))
+    runner, execution = build_runner(model, device, pad_id, options or ExecutionOptions())
+    return HFBackend(
+        spec.model_id, model, tokenizer, version, device, runner=runner, execution=execution
+    )
+
+
+def load_weights(
+    spec: ModelSpec, device_name: str, dtype_name: str, cache_dir: Path
+) -> tuple[Any, Any, str, torch.device]:
+    """(model on its device in eval mode, tokenizer, version, device) of ``spec``."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     started = time.monotonic()
@@ -124,11 +136,7 @@ def load_backend(
     log.info(
         "loaded model %s version %s in %.1f s", spec.model_id, version, time.monotonic() - started
     )
-    pad_id = pad_token_id(tokenizer, eos_token_ids(model, tokenizer))
-    runner, execution = build_runner(model, device, pad_id, options or ExecutionOptions())
-    return HFBackend(
-        spec.model_id, model, tokenizer, version, device, runner=runner, execution=execution
-    )
+    return model, tokenizer, version, device
 
 
 def _from_folder(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
