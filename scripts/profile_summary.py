@@ -41,7 +41,14 @@ def main() -> None:
             if not stack or not count_text.isdigit():
                 continue
             count = int(count_text)
-            thread, *frames = stack.split(";")
+            parts = stack.split(";")
+            thread, frames = parts[0], parts[1:]
+            if thread.startswith("process "):  # py-spy --subprocesses: a command line may hold ';'
+                at = next((i for i, p in enumerate(parts) if p.startswith("thread (")), None)
+                if at is not None:
+                    owner = [p for p in parts[:at] if p.startswith("process ")][-1]
+                    pid = owner.split(":", 1)[0].removeprefix("process ")
+                    thread, frames = f"pid {pid} {parts[at]}", parts[at + 1 :]
             per_thread[thread] += count
             names = [short(f) for f in frames]
             for name in set(names):

@@ -436,6 +436,36 @@ async def client_loop(
             await asyncio.sleep(pause * rng.uniform(0.75, 1.25))
 
 
+class GpuMemory:
+    """GPU memory of the server process and its children (NVML), where there is a GPU."""
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml  # nvidia-ml-py, where an NVIDIA driver is
+
+            pynvml.nvmlInit()
+            self._handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+            self._nvml = pynvml
+        except Exception:  # no NVIDIA driver here: nothing to sample
+            self._nvml = None
+
+    def used(self, pid: int) -> int | None:
+        if self._nvml is None:
+            return None
+        with contextlib.suppress(psutil.Error):
+            pids = {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+            total = 0
+            for handle in self._handles:
+                for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid in pids and proc.usedGpuMemory:
+                        total += int(proc.usedGpuMemory)
+            return total
+        return None
+
+
 def rss_bytes(pid: int) -> int:
     """Resident memory of the server process and any children."""
     process = psutil.Process(pid)
@@ -445,17 +475,39 @@ def rss_bytes(pid: int) -> int:
     )
 
 
+@dataclass
+class Memory:
+    """Samples of the server's memory during the soak, with their times (s from its start)."""
+
+    times: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    gpu: list[int] = field(default_factory=list)
+
+
 async def watch(
-    process: subprocess.Popen[bytes], budget: Budget, tally: Tally, rss: list[int], started: float
+    process: subprocess.Popen[bytes],
+    budget: Budget,
+    tally: Tally,
+    rss: list[int],
+    *,
+    started: float,
+    memory: Memory,
 ) -> None:
-    """RSS samples and progress lines while the load runs; stops the loops if the server dies."""
+    """Memory samples and progress lines while the load runs; stops the loops if the
+    server dies."""
     last_progress = time.monotonic()
+    gpu = GpuMemory()
     while True:
         await asyncio.sleep(RSS_EVERY_S)
         try:
             if process.poll() is not None:  # reaps it: psutil reads a zombie's RSS as 0
                 raise psutil.NoSuchProcess(process.pid)
             rss.append(rss_bytes(process.pid))
+            memory.times.append(time.monotonic() - started)
+            memory.rss.append(rss[-1])
+            used = await asyncio.to_thread(gpu.used, process.pid)
+            if used is not None:
+                memory.gpu.append(used)
         except psutil.NoSuchProcess:
             budget.stopped = True  # the server died: the exit-status check reports it
             return
@@ -606,6 +658,7 @@ class Result:
     deadline: tuple[float, float]
     rss: list[int]  # the first after warm-up, the last after the load
     usage: tuple[Usage, Usage]  # at the start and at the end of the load
+    memory: Memory = field(default_factory=Memory)
     in_flight_after: float = 0.0
     server_generations: dict[str, int] = field(default_factory=dict)
     server_rejected: dict[str, int] = field(default_factory=dict)
@@ -648,7 +701,10 @@ async def soak(args: argparse.Namespace, caller: InferenceClient, srv: Server, m
     tally = Tally()
     started = time.monotonic()
     budget = Budget(started + args.duration, args.max_requests)
-    watcher = asyncio.create_task(watch(srv.process, budget, tally, rss, started))
+    memory = Memory()
+    watcher = asyncio.create_task(
+        watch(srv.process, budget, tally, rss, started=started, memory=memory)
+    )
     log.info("soak: %d clients for %g s", args.clients, args.duration)
     await asyncio.gather(
         *(
@@ -660,9 +716,15 @@ async def soak(args: argparse.Namespace, caller: InferenceClient, srv: Server, m
     seconds = time.monotonic() - started
     with contextlib.suppress(psutil.NoSuchProcess):
         return Result(
-            tally, seconds, args.clients, mix.deadline, rss, (usage, Usage.now(srv.process.pid))
+            tally,
+            seconds,
+            args.clients,
+            mix.deadline,
+            rss,
+            (usage, Usage.now(srv.process.pid)),
+            memory,
         )
-    return Result(tally, seconds, args.clients, mix.deadline, rss, (usage, usage))
+    return Result(tally, seconds, args.clients, mix.deadline, rss, (usage, usage), memory)
 
 
 async def load(args: argparse.Namespace, srv: Server) -> Result:
@@ -777,6 +839,40 @@ def rejections_check(args: argparse.Namespace, result: Result) -> tuple[bool, st
     return server == client, f"server rejections {server} == calls rejected {client}"
 
 
+def settled(result: Result, settle_s: float) -> tuple[int, int] | None:
+    """(RSS at the first sample ``settle_s`` into the soak, RSS at the end)."""
+    memory = result.memory
+    after = [rss for at, rss in zip(memory.times, memory.rss, strict=True) if at >= settle_s]
+    if not after:
+        return None
+    return after[0], result.rss[-1]
+
+
+def memory_checks(args: argparse.Namespace, result: Result) -> list[tuple[bool, str]]:
+    out = []
+    pair = settled(result, args.rss_settle)
+    if pair is not None:
+        growth = (pair[1] - pair[0]) / pair[0] * 100
+        out.append(
+            (
+                growth <= args.max_rss_growth_pct,
+                f"RSS growth after the first {args.rss_settle:g} s {growth:+.1f}% <= "
+                f"{args.max_rss_growth_pct:g}% ({pair[0] / MIB:,.0f} -> {pair[1] / MIB:,.0f} MiB)",
+            )
+        )
+    gpu = result.memory.gpu
+    if gpu:
+        growth_mib = (gpu[-1] - gpu[0]) / MIB
+        out.append(
+            (
+                growth_mib <= args.max_gpu_growth_mib,
+                f"GPU memory growth {growth_mib:+.0f} MiB <= {args.max_gpu_growth_mib:g} MiB "
+                f"({gpu[0] / MIB:,.0f} -> {gpu[-1] / MIB:,.0f} MiB, peak {max(gpu) / MIB:,.0f})",
+            )
+        )
+    return out
+
+
 def checks(args: argparse.Namespace, result: Result) -> list[tuple[bool, str]]:
     counts, tally = result.tally.counts, result.tally
     growth_mib = (result.rss[-1] - result.rss[0]) / MIB
@@ -792,6 +888,7 @@ def checks(args: argparse.Namespace, result: Result) -> list[tuple[bool, str]]:
             growth_mib <= args.max_rss_growth_mib,
             f"RSS growth {growth_mib:+.0f} MiB <= {args.max_rss_growth_mib:g} MiB",
         ),
+        *memory_checks(args, result),
         (not result.log_errors, f"ERROR lines in the server log: {len(result.log_errors)}"),
         (result.exit_status == 0, f"exit status after SIGTERM: {result.exit_status}"),
     ]
@@ -860,6 +957,11 @@ def summary(
         "twins": tally.twins,
         "divergent": tally.divergent,
         "rss_mib": [round(r / MIB, 1) for r in result.rss],
+        "samples": {
+            "seconds": [round(t, 1) for t in result.memory.times],
+            "rss_mib": [round(r / MIB, 1) for r in result.memory.rss],
+            "gpu_mib": [round(g / MIB, 1) for g in result.memory.gpu],
+        },
         "cpu_s": {
             "server": result.usage[1].server_cpu_s - result.usage[0].server_cpu_s,
             "client": result.usage[1].client_cpu_s - result.usage[0].client_cpu_s,
@@ -943,6 +1045,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=64.0,
         help="fail if the server's RSS at the end exceeds its RSS after warm-up by more "
         "(default 64)",
+    )
+    add(
+        "--rss-settle",
+        type=float,
+        default=60.0,
+        help="seconds into the soak after which RSS must be flat (default 60)",
+    )
+    add(
+        "--max-rss-growth-pct",
+        type=float,
+        default=5.0,
+        help="fail if RSS grows by more than this share from --rss-settle to the end (default 5)",
+    )
+    add(
+        "--max-gpu-growth-mib",
+        type=float,
+        default=64.0,
+        help="fail if the server's GPU memory (NVML, where present) grows by more during the "
+        "soak (default 64)",
     )
     add(
         "--server-arg",

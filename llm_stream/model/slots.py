@@ -165,12 +165,21 @@ class SlotBatch:
         return len(self.keys)
 
     def _allocate(self, rows: int, width: int) -> None:
-        """(Re)allocate every buffer; the live rows' content is kept."""
+        """(Re)allocate every buffer; the live rows' content is kept.
+
+        Attention reads every slot up to the step's width, masked or not, so every
+        position it can read must hold a finite number (NaN times a zero weight is
+        still NaN). A static batch starts all zeros. A growable one only copies its
+        live rows and zeroes their new positions: a row that joins later zeroes the
+        rest of its own slot (:meth:`join`); zeroing whole slabs at every growth cost
+        a sixth of a 64-stream run on 2 cores.
+        """
         old_slabs, old_ids, old_pos, old_bias = self.slabs, self.ids, self.pos, self.bias
+        fresh = torch.empty if self.growable else torch.zeros
         self.slabs = [
             (
-                torch.zeros((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
-                torch.zeros((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+                fresh((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+                fresh((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
             )
             for s in self.shapes
         ]
@@ -184,8 +193,9 @@ class SlotBatch:
         n, kept = self.rows, min(width, int(old_bias.shape[-1]))
         if n:
             for (keys, values), (old_keys, old_values) in zip(self.slabs, old_slabs, strict=True):
-                keys[:n, :, :kept] = old_keys[:n, :, :kept]
-                values[:n, :, :kept] = old_values[:n, :, :kept]
+                for slab, old in ((keys, old_keys), (values, old_values)):
+                    slab[:n, :, :kept] = old[:n, :, :kept]
+                    slab[:n, :, kept:].zero_()
             self.ids[:n] = old_ids[:n]
             self.pos[:n] = old_pos[:n]
             self.bias[:n, :, :, :kept] = old_bias[:n, :, :, :kept]
@@ -208,7 +218,7 @@ class SlotBatch:
             )
         new_rows = self.capacity_rows
         if rows > new_rows:
-            new_rows = max(rows, new_rows + new_rows // 2)
+            new_rows = max(rows, 2 * new_rows)
         new_width = int(self.bias.shape[-1])
         if width > new_width:
             new_width = round_up(width + max(_HEADROOM, width // 2), POSITION_ALIGN)
@@ -280,6 +290,8 @@ class SlotBatch:
                     slab[slots, :, :padded] = part.gather(2, index)
                 else:
                     slab[slots, :, :padded] = part
+                if self.growable:  # the rest of a fresh slot may be uninitialised memory
+                    slab[slots, :, padded:].zero_()
         length_tensor = self.transfer.to_device(list(lengths), torch.long)
         self.pos[slots] = length_tensor
         columns = torch.arange(self.bias.shape[-1], device=self.device).unsqueeze(0)
