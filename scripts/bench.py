@@ -46,6 +46,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -486,8 +487,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def server(model: str, extra: Sequence[str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A server on a free port with its default flags, plus ``extra``."""
+def server(
+    model: str, extra: Sequence[str], log_path: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A server on a free port with its default flags, plus ``extra``; its log in a file."""
     port = free_port()
     command = [
         sys.executable,
@@ -499,15 +502,17 @@ def server(model: str, extra: Sequence[str]) -> Iterator[tuple[str, subprocess.P
         str(port),
         "--model",
         model,
+        # INFO for the ready line (how the model runs); a file, not a pipe nobody reads.
         "--log-level",
-        "WARNING",
+        "INFO",
         # gRPC only: a busy default HTTP port (8000) must not stop the benchmark.
         "--http-port",
         "0",
         *extra,
     ]
-    note("starting " + shlex.join(command[1:]))
-    process = subprocess.Popen(command, env=os.environ.copy())
+    note("starting " + shlex.join(command[1:]) + f" (log: {log_path})")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=os.environ.copy(), stdout=log, stderr=log)
     try:
         yield f"127.0.0.1:{port}", process
     finally:
@@ -1058,6 +1063,20 @@ def plot(
     plt.close(figure)
 
 
+def server_notes(log_path: str | None) -> list[str]:
+    """The server log's ready line (how the model runs) and its warnings and errors."""
+    if not log_path or not os.path.exists(log_path):
+        return []
+    with open(log_path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().splitlines()
+    ready = [line.split(" ready: ", 1)[1] for line in lines if " ready: " in line]
+    worse = [line for line in lines if " WARNING " in line or " ERROR " in line]
+    worse += [line for line in lines if " CRITICAL " in line or line.startswith("Traceback")]
+    notes = [f"Server: {ready[0]}" if ready else f"Server: no ready line in {log_path}"]
+    notes += [f"Server log: {line}" for line in worse[:10]]
+    return notes
+
+
 def report(
     args: argparse.Namespace,
     workloads: Sequence[Workload],
@@ -1075,6 +1094,7 @@ def report(
         f"Server {results.target}, {served_model} on {args.device} ({precision}); greedy, "
         f"max_tokens {args.tokens}; baselines: the same model and device. {os.cpu_count()} "
         f"CPUs, load average {load_at_start:.2f} at the start, {os.getloadavg()[0]:.2f} now.",
+        *server_notes(args.server_log),
         "",
         *table(rows, gpu),
         "",
@@ -1145,6 +1165,9 @@ def main() -> None:
         "--py-spy", metavar="FILE", help="record the server with py-spy during the sustained run"
     )
     parser.add_argument("--plot", default="bench.png", help="PNG to write (default bench.png)")
+    parser.add_argument(
+        "--server-log", help="the started server's log file (default: a temporary file)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 and 8 streams only, no burst")
     parser.add_argument("--no-baseline", action="store_true", help="skip plain/static generate")
     args = parser.parse_args()
@@ -1181,7 +1204,8 @@ def main() -> None:
     else:
         extra = ["--device", args.device]
         extra += [part for arg in args.server_arg for part in shlex.split(arg)]
-        with server(args.model, extra) as (target, process):
+        args.server_log = args.server_log or tempfile.mktemp(prefix="bench-server-", suffix=".log")
+        with server(args.model, extra, args.server_log) as (target, process):
             results = measure(target, process)
     baselines = None
     if not args.no_baseline:

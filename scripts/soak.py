@@ -805,6 +805,13 @@ def table(args: argparse.Namespace, result: Result) -> list[str]:
             f"{tally.divergent:,} of {tally.twins:,}",
         ),
         (
+            "server GPU memory (NVML) first / peak / last sample",
+            "-"
+            if not result.memory.gpu
+            else f"{result.memory.gpu[0] / MIB:,.0f} / {max(result.memory.gpu) / MIB:,.0f} / "
+            f"{result.memory.gpu[-1] / MIB:,.0f} MiB",
+        ),
+        (
             "server RSS after warm-up / peak / end",
             f"{rss_start:,.0f} / {max(result.rss) / MIB:,.0f} / {rss_end:,.0f} MiB "
             f"({growth:+,.0f} MiB)",

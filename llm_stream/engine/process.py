@@ -20,6 +20,7 @@ import itertools
 import logging
 import multiprocessing
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -290,6 +291,8 @@ class RemoteCore:
 
 
 def _child_main(conn: Connection, spec: CoreSpec) -> None:
+    # Ctrl-C reaches the whole process group: the server drains, then closes this core.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from llm_stream.runtime import tune_openmp
 
     tune_openmp()  # before torch is imported
