@@ -217,3 +217,26 @@ def test_fixed_buffers_padded_to_buckets_compute_what_rows_compute_alone(model: 
         drive.run()
     for key, tokens in drive.tokens.items():
         assert tokens == alone(model, prompts[key], len(tokens)), key
+
+
+def test_a_prompt_finding_the_staging_slot_busy_takes_the_eager_path(model: Any) -> None:
+    """One prompt is fed in the staging slot over several steps; another prompt in the
+    meantime is prefilled with its own cache; one leaving mid-way frees the slot."""
+    runner = static_runner(
+        model, CPU, 0, probe_layers(model, CPU), rows=8, budget=SlotBudget(511, "test")
+    )
+    long_prompt = [(i * 5) % 300 + 3 for i in range(150)]
+    dropped = [(i * 3) % 300 + 3 for i in range(90)]
+    drive = Driver(runner)
+    drive.run(chunk(1, long_prompt, 0, 50), chunk(2, SHORT), decode=False)  # 2 goes eager
+    drive.run(chunk(1, long_prompt, 50, 100), chunk(3, LONG))
+    drive.run(chunk(1, long_prompt, 100))
+    drive.run(chunk(4, dropped, 0, 40))  # takes the free slot, then leaves half fed
+    drive.run(remove=(4,))
+    drive.run(chunk(5, SHORT))  # the slot is free again
+    for _ in range(4):
+        drive.run()
+    prompts = {1: long_prompt, 2: SHORT, 3: LONG, 5: SHORT}
+    assert set(drive.tokens) == set(prompts)
+    for key, tokens in drive.tokens.items():
+        assert tokens == alone(model, prompts[key], len(tokens)), key

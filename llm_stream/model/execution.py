@@ -53,6 +53,9 @@ class ExecutionOptions:
 
 
 CPU_DEFAULT_BATCH_TOKENS = 65536
+# Prompt tokens a staged prefill forward takes (padded up): a GPU feeds prompts in
+# chunks of these sizes, each replayed from a graph; longer ones in several.
+CHUNK_BUCKETS = (32, 128, 512)
 
 
 @dataclass(frozen=True)
@@ -213,22 +216,26 @@ def static_runner(
     rows: int,
     budget: SlotBudget,
 ) -> HFStepRunner:
-    """A runner over fixed buffers whose decode runs by (rows, width) bucket, uncaptured."""
-    batch = SlotBatch(layers, rows, budget.positions, device, growable=False)
-    runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
-    runner.graphs = DecodeGraphs(
-        rows_buckets(rows), width_buckets(batch.capacity_positions + 1), runner.forward_decode
+    """A runner over fixed buffers whose decode steps and prompt chunks run by bucket
+    (rows or chunk tokens, and attention width), uncaptured until capture_graphs."""
+    batch = SlotBatch(
+        layers, rows, budget.positions, device, growable=False, staging=CHUNK_BUCKETS[-1]
     )
+    runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
+    widths = width_buckets(batch.capacity_positions + 1)
+    runner.graphs = DecodeGraphs(rows_buckets(rows), widths, runner.forward_decode)
+    runner.chunk_graphs = DecodeGraphs(CHUNK_BUCKETS, widths, runner.forward_chunk)
     return runner
 
 
 def capture_graphs(runner: HFStepRunner, device: torch.device, options: ExecutionOptions) -> str:
     """Capture the runner's decode graphs; what the ready line says of them."""
-    graphs = runner.graphs
-    assert graphs is not None
+    graphs, chunks = runner.graphs, runner.chunk_graphs
+    assert graphs is not None and chunks is not None
     try:
         with torch.inference_mode():
             report = graphs.capture(device)
+            prefill = chunks.capture(device)
     except Exception as exc:
         if _out_of_memory(exc):
             raise ModelLoadError(
@@ -241,19 +248,25 @@ def capture_graphs(runner: HFStepRunner, device: torch.device, options: Executio
             "cannot capture CUDA graphs of this model's decode step (%s); decoding eagerly", exc
         )
         torch.cuda.synchronize(device)
-        runner.graphs = None
+        runner.graphs = runner.chunk_graphs = None
         runner.reset()
         return "cuda-graphs=failed (eager)"
     runner.reset()  # the capture's warm-up runs wrote into free slots
+    total = report.graphs + prefill.graphs
+    seconds = report.seconds + prefill.seconds
+    pool = (report.pool_bytes + prefill.pool_bytes) // _MIB
     log.info(
-        "captured %d CUDA graphs (%d row buckets x %d widths) in %.1f s, %d MiB",
-        report.graphs,
+        "captured %d CUDA graphs in %.1f s, %d MiB: decode %d row buckets x %d widths, "
+        "prefill %d chunk sizes x %d widths",
+        total,
+        seconds,
+        pool,
         len(graphs.rows),
         len(graphs.widths),
-        report.seconds,
-        report.pool_bytes // _MIB,
+        len(chunks.rows),
+        len(chunks.widths),
     )
-    return f"cuda-graphs={report.graphs} ({report.seconds:.1f} s, {report.pool_bytes // _MIB} MiB)"
+    return f"cuda-graphs={total} ({seconds:.1f} s, {pool} MiB)"
 
 
 def _out_of_memory(exc: BaseException | None) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,11 @@ class HFStepRunner:
         self._partial: dict[int, PartialPrompt] = {}
         self._in_flight: collections.deque[_Launched] = collections.deque()
         self.graphs: DecodeGraphs | None = None
+        # Prompt chunks fed in the staging slot by fixed shapes (graphs on a GPU), and the
+        # prompt that slot holds between steps (one fed in several chunks) with its length.
+        self.chunk_graphs: DecodeGraphs | None = None
+        self._staged: int | None = None
+        self._staged_length = 0
 
     @property
     def rows(self) -> int:
@@ -139,6 +144,7 @@ class HFStepRunner:
     def reset(self) -> None:
         self._in_flight.clear()
         self._partial.clear()
+        self._staged = None
         self._batch.reset()
         self._sampler.clear(slice(0, self._sampler.rows))
 
@@ -149,6 +155,8 @@ class HFStepRunner:
             return
         for key in keys:
             self._partial.pop(key, None)
+        if self._staged in keys:
+            self._staged = None
         before = self._batch.rows
         moves = self._batch.remove(list(keys))
         if moves:
@@ -185,12 +193,78 @@ class HFStepRunner:
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
+    def forward_chunk(self, tokens: int, width: int) -> torch.Tensor:
+        """A staged prompt chunk of ``tokens`` (padded) over ``width`` positions: the
+        logits of its last real token, [1, vocab]. What a prefill graph captures."""
+        out = self._model(**self._batch.chunk_inputs(tokens, width))
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
     # -- prompts -------------------------------------------------------------------------
 
     def _prefill(
         self, chunks: Sequence[PrefillChunk], failed: list[tuple[int, BaseException]]
     ) -> list[tuple[list[int], torch.Tensor]]:
-        """Feed the chunks; returns, per group that joined, its keys and first tokens."""
+        """Feed the chunks; returns, per group that joined, its keys and first tokens.
+
+        With prefill graphs, each chunk is fed in the staging slot by fixed-shape
+        replays, whose cost is the chunk's compute, not hundreds of launches; a chunk
+        that finds the slot held by another prompt (fed over several steps) takes the
+        eager path, with its own cache.
+        """
+        if self.chunk_graphs is None:
+            return self._prefill_eager(chunks, failed)
+        joined: list[tuple[list[int], torch.Tensor]] = []
+        eager = []
+        for chunk in chunks:
+            if not (self._staged == chunk.key or (chunk.start == 0 and self._staged is None)):
+                eager.append(chunk)
+                continue
+            try:
+                logits = self._feed_staged(chunk)
+            except Exception as exc:  # a failed prefill fails its own sequence only
+                self._staged = None
+                failed.append((chunk.key, exc))
+                continue
+            if chunk.completes_prompt:
+                self._staged = None
+                joined.append(self._join_staged(chunk, logits))
+        return joined + self._prefill_eager(eager, failed)
+
+    def _feed_staged(self, chunk: PrefillChunk) -> torch.Tensor:
+        graphs = self.chunk_graphs
+        assert graphs is not None
+        if chunk.start == 0:
+            self._staged, self._staged_length = chunk.key, 0
+        elif self._staged_length != chunk.start:
+            raise RuntimeError("a staged prompt's chunks came out of order")
+        tokens = chunk.prepared.prompt_ids[chunk.start : chunk.end]
+        most = graphs.rows[-1]
+        logits = None
+        for offset in range(0, len(tokens), most):
+            piece = tokens[offset : offset + most]
+            start = chunk.start + offset
+            self._batch.stage(piece, start)
+            logits = graphs.replay(len(piece), start + len(piece))
+        self._staged_length = chunk.end
+        assert logits is not None
+        return logits
+
+    def _join_staged(
+        self, chunk: PrefillChunk, logits: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor]:
+        length = len(chunk.prepared.prompt_ids)
+        return self._join(
+            [chunk],
+            logits,
+            [length],
+            lambda keys, tokens: self._batch.join_staged(keys[0], length, tokens),
+        )
+
+    def _prefill_eager(
+        self, chunks: Sequence[PrefillChunk], failed: list[tuple[int, BaseException]]
+    ) -> list[tuple[list[int], torch.Tensor]]:
+        """Whole prompts as padded batches of similar lengths; chunks in one-row caches."""
         joined: list[tuple[list[int], torch.Tensor]] = []
         whole = [c for c in chunks if c.start == 0 and c.completes_prompt]
         for group in group_by_length([len(c.prepared.prompt_ids) for c in whole]):
@@ -206,7 +280,7 @@ class HFStepRunner:
                 failed.extend((c.key, exc) for c in members)
                 continue
             lengths = [len(c.prepared.prompt_ids) for c in members]
-            joined.append(self._join(members, cache, lengths, logits))
+            joined.append(self._join_cache(members, cache, lengths, logits))
         for chunk in chunks:
             if chunk.start == 0 and chunk.completes_prompt:
                 continue
@@ -226,17 +300,32 @@ class HFStepRunner:
                 continue
             if chunk.completes_prompt:
                 del self._partial[chunk.key]
-                joined.append(self._join([chunk], partial.cache, [partial.length], logits))
+                joined.append(self._join_cache([chunk], partial.cache, [partial.length], logits))
         return joined
 
-    def _join(
+    def _join_cache(
         self,
         chunks: Sequence[PrefillChunk],
         cache: Any,
         lengths: Sequence[int],
         logits: torch.Tensor,
     ) -> tuple[list[int], torch.Tensor]:
-        """Add prefilled rows to the decode batch with their first tokens."""
+        return self._join(
+            chunks,
+            logits,
+            lengths,
+            lambda keys, tokens: self._batch.join(keys, cache, lengths, tokens),
+        )
+
+    def _join(
+        self,
+        chunks: Sequence[PrefillChunk],
+        logits: torch.Tensor,
+        lengths: Sequence[int],
+        place: Callable[[list[int], torch.Tensor], object],
+    ) -> tuple[list[int], torch.Tensor]:
+        """Add prefilled rows to the decode batch with their first tokens; ``place``
+        puts their caches into their slots."""
         batch, sampler = self._batch, self._sampler
         try:
             first = batch.rows
@@ -253,7 +342,7 @@ class HFStepRunner:
             tokens = sampler.sample(logits, slots, positions)
             sampler.record(tokens, slots)
             keys = [c.key for c in chunks]
-            batch.join(keys, cache, lengths, tokens)
+            place(keys, tokens)
         except Exception as exc:  # some buffers may hold the new rows and others not
             self.reset()
             raise BatchLostError("adding prefilled rows to the batch failed") from exc

@@ -80,12 +80,19 @@ def unsupported_cache_layers(model: Any) -> list[str]:
 
 
 class DecodeView:
-    """Which rows and positions a decode forward covers, shared by the slot layers."""
+    """What the next forward covers, shared by the slot layers.
+
+    A decode step: slots ``[0, rows)``, one token each, written at ``positions``
+    (one per row). A staged prompt chunk (``staged`` True): the staging slot only,
+    its tokens written at ``positions`` (one per token).
+    """
 
     def __init__(self) -> None:
         self.rows = 0
         self.width = 0
-        self.positions: torch.Tensor | None = None  # [rows]: where each row writes
+        self.positions: torch.Tensor | None = None
+        self.staged = False
+        self.staging_row = 0
 
 
 class SlotLayer(DynamicLayer):
@@ -102,7 +109,15 @@ class SlotLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         view = self._view
-        assert view.positions is not None and key_states.shape[-2] == 1, "one token per row"
+        assert view.positions is not None
+        if view.staged:
+            row = slice(view.staging_row, view.staging_row + 1)
+            self.slab_keys[row].index_copy_(2, view.positions, key_states)
+            self.slab_values[row].index_copy_(2, view.positions, value_states)
+            self.keys = self.slab_keys[row, :, : view.width]
+            self.values = self.slab_values[row, :, : view.width]
+            return self.keys, self.values
+        assert key_states.shape[-2] == 1, "one token per row"
         rows, width = view.rows, view.width
         index = view.positions.view(rows, 1, 1, 1).expand(
             rows, key_states.shape[1], 1, key_states.shape[-1]
@@ -129,10 +144,17 @@ class SlotBatch:
         *,
         growable: bool,
         dtype: torch.dtype | None = None,
+        staging: int = 0,
     ) -> None:
-        """``layers`` None: the slabs take their shapes from the first rows to join."""
+        """``layers`` None: the slabs take their shapes from the first rows to join.
+
+        ``staging``: a static batch gets one more slot, beyond every decode row, where
+        prompts are fed in chunks of up to this many tokens by fixed-shape forwards
+        (:meth:`chunk_inputs`) before they join (:meth:`join_staged`); 0: none.
+        """
         self.device = device
         self.growable = growable
+        self.staging = staging
         self.shapes = list(layers or [])
         self.transfer = Transfer(device)
         self.view = DecodeView()
@@ -148,6 +170,14 @@ class SlotBatch:
         self.bias = torch.zeros((0, 1, 1, 0), dtype=mask_dtype, device=device)
         self.cache = Cache(layers=[])
         self._allocate(rows, round_up(positions + 1, POSITION_ALIGN))
+        width = int(self.bias.shape[-1])
+        # A staged chunk's inputs, one upload: its token ids, then its start and the
+        # index of its last real token; and the positions and mask made from them.
+        self.chunk_io = torch.zeros(staging + 2, dtype=torch.long, device=device)
+        self.chunk_pos = torch.zeros(staging, dtype=torch.long, device=device)
+        self.chunk_bias = torch.zeros((1, 1, staging, width), dtype=mask_dtype, device=device)
+        self._columns = torch.arange(width, device=device)
+        self._offsets = torch.arange(staging, device=device)
 
     # -- buffers ---------------------------------------------------------------
 
@@ -176,13 +206,15 @@ class SlotBatch:
         """
         old_slabs, old_ids, old_pos, old_bias = self.slabs, self.ids, self.pos, self.bias
         fresh = torch.empty if self.growable else torch.zeros
+        slots = rows + (1 if self.staging else 0)  # the staging slot is the last
         self.slabs = [
             (
-                fresh((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
-                fresh((rows, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+                fresh((slots, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+                fresh((slots, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
             )
             for s in self.shapes
         ]
+        self.view.staging_row = rows
         self.ids = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.bias = torch.full(
@@ -230,6 +262,7 @@ class SlotBatch:
         """The next decode forward covers slots ``[0, rows)`` and positions ``[0, width)``."""
         self.view.rows, self.view.width = rows, width
         self.view.positions = self.pos[:rows]
+        self.view.staged = False
 
     def decode_inputs(self, rows: int, width: int) -> dict[str, Any]:
         """The model's keyword arguments for a decode step over ``rows`` x ``width``."""
@@ -249,6 +282,65 @@ class SlotBatch:
         self.pos[:n].add_(1)
         self.bias[:n].scatter_(3, self.pos[:n].view(n, 1, 1, 1), 0.0)
         self.lengths = [length + 1 for length in self.lengths]
+
+    # -- prompts fed in the staging slot -------------------------------------------------
+
+    def stage(self, tokens: Sequence[int], start: int) -> None:
+        """The next staged chunk: ``tokens`` at positions ``start`` onwards (one upload)."""
+        values = [*tokens, *([0] * (self.staging - len(tokens))), start, len(tokens) - 1]
+        self.chunk_io.copy_(self.transfer.host(values, torch.long), non_blocking=True)
+
+    def chunk_inputs(self, tokens: int, width: int) -> dict[str, Any]:
+        """The model's keyword arguments for a staged chunk of ``tokens`` (padded) tokens
+        attending over positions ``[0, width)``: what a prefill graph captures.
+
+        Positions and the causal mask are made on the device from the uploaded start,
+        so a replay needs nothing from the host but :meth:`stage`'s one copy.
+        """
+        positions = self.chunk_pos[:tokens]
+        # Padding past the slot's end goes to its last position, which no prompt reaches
+        # (a prompt leaves room for at least one generated token).
+        last = int(self.bias.shape[-1]) - 1
+        positions.copy_((self.chunk_io[-2] + self._offsets[:tokens]).clamp(max=last))
+        opened = self._columns[:width].unsqueeze(0) <= positions.unsqueeze(1)
+        self.chunk_bias[0, 0, :tokens, :width].copy_(torch.where(opened, 0.0, self.closed))
+        view = self.view
+        view.staged, view.width, view.positions = True, width, positions
+        return {
+            "input_ids": self.chunk_io[:tokens].view(1, tokens),
+            "position_ids": positions.view(1, tokens),
+            "attention_mask": self.chunk_bias[:, :, :tokens, :width],
+            "cache": self.cache,
+            "use_cache": True,
+            "logits_to_keep": self.chunk_io[-1:],
+        }
+
+    def join_staged(self, key: int, length: int, first_token: torch.Tensor) -> slice:
+        """The prompt in the staging slot (``length`` tokens) joins as a decode row."""
+        first = self.rows
+        self.ensure(first + 1, length)
+        staged = self.view.staging_row
+        destinations, sources = [], []
+        for keys, values in self.slabs:
+            for slab in (keys, values):
+                destinations.append(slab[first, :, :length])
+                sources.append(slab[staged, :, :length])
+        torch._foreach_copy_(destinations, sources)
+        return self._open(slice(first, first + 1), [key], [length], first_token)
+
+    def _open(
+        self, slots: slice, keys: Sequence[int], lengths: Sequence[int], first_tokens: torch.Tensor
+    ) -> slice:
+        """Rows whose caches are in place start decoding: positions, masks, first tokens."""
+        length_tensor = self.transfer.to_device(list(lengths), torch.long)
+        self.pos[slots] = length_tensor
+        columns = torch.arange(self.bias.shape[-1], device=self.device).unsqueeze(0)
+        opened = torch.where(columns <= length_tensor.unsqueeze(1), 0.0, self.closed)
+        self.bias[slots, 0, 0, :] = opened.to(self.bias.dtype)
+        self.ids[slots] = first_tokens
+        self.keys.extend(keys)
+        self.lengths.extend(lengths)
+        return slots
 
     # -- rows joining and leaving ----------------------------------------------------
 
@@ -292,15 +384,7 @@ class SlotBatch:
                     slab[slots, :, :padded] = part
                 if self.growable:  # the rest of a fresh slot may be uninitialised memory
                     slab[slots, :, padded:].zero_()
-        length_tensor = self.transfer.to_device(list(lengths), torch.long)
-        self.pos[slots] = length_tensor
-        columns = torch.arange(self.bias.shape[-1], device=self.device).unsqueeze(0)
-        opened = torch.where(columns <= length_tensor.unsqueeze(1), 0.0, self.closed)
-        self.bias[slots, 0, 0, :] = opened.to(self.bias.dtype)
-        self.ids[slots] = first_tokens
-        self.keys.extend(keys)
-        self.lengths.extend(lengths)
-        return slots
+        return self._open(slots, keys, lengths, first_tokens)
 
     def remove(self, keys: Sequence[int]) -> list[tuple[int, int]]:
         """Drop these rows; the last rows move into the freed slots.
