@@ -70,7 +70,7 @@ def runner_for(model: Any, *, captured: bool, rows: int = 16) -> HFStepRunner:
     if captured:
         capture_graphs(runner, CUDA, ExecutionOptions(max_rows=rows))
         assert runner.graphs is not None and len(runner.graphs) == 5 * 3
-        assert runner.chunk_graphs is not None and len(runner.chunk_graphs) == 3 * 3
+        assert runner.chunk_graphs is not None and len(runner.chunk_graphs) == 5 * 3
     return runner
 
 
@@ -120,8 +120,7 @@ def test_graph_replay_gives_the_tokens_of_the_same_eager_step(model: Any) -> Non
         drive(runner_for(model, captured=False)),
     )
     assert graphs == eager
-    assert len(graphs) == 12
-    assert all(len(t) > 3 for key, t in graphs.items() if key != 2)  # 2 leaves at its 2nd
+    assert len(graphs) == 12 and sum(map(len, graphs.values())) > 150
 
 
 @torch.inference_mode()

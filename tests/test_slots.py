@@ -240,3 +240,32 @@ def test_a_prompt_finding_the_staging_slot_busy_takes_the_eager_path(model: Any)
     assert set(drive.tokens) == set(prompts)
     for key, tokens in drive.tokens.items():
         assert tokens == alone(model, prompts[key], len(tokens)), key
+
+
+def test_a_cold_start_of_many_prompts_is_fed_in_padded_batches(model: Any) -> None:
+    """With nobody decoding, sixteen prompts of two lengths are two padded eager
+    batches, not sixteen staged forwards; a prompt joining a decoding batch is staged."""
+    runner = static_runner(
+        model, CPU, 0, probe_layers(model, CPU), rows=24, budget=SlotBudget(511, "test")
+    )
+    prompts = {
+        key: [(key * 7 + i) % 300 + 3 for i in range(20 if key % 2 else 40)] for key in range(1, 17)
+    }
+    prompts[17] = SHORT
+    staged: list[int] = []
+    feed = runner._feed_staged
+
+    def counted(piece: PrefillChunk) -> Any:
+        staged.append(piece.key)
+        return feed(piece)
+
+    runner._feed_staged = counted  # type: ignore[method-assign]
+    drive = Driver(runner)
+    drive.run(*(chunk(key, prompts[key]) for key in range(1, 17)), decode=False)
+    assert staged == []
+    drive.run(chunk(17, prompts[17]))
+    assert staged == [17]
+    for _ in range(3):
+        drive.run()
+    for key, tokens in drive.tokens.items():
+        assert tokens == alone(model, prompts[key], len(tokens)), key

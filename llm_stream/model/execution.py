@@ -55,7 +55,7 @@ class ExecutionOptions:
 CPU_DEFAULT_BATCH_TOKENS = 65536
 # Prompt tokens a staged prefill forward takes (padded up): a GPU feeds prompts in
 # chunks of these sizes, each replayed from a graph; longer ones in several.
-CHUNK_BUCKETS = (32, 128, 512)
+CHUNK_BUCKETS = (32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
