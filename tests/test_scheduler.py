@@ -492,3 +492,17 @@ def test_the_thread_survives_a_failure_outside_the_model_steps() -> None:
     finally:
         sched.close()
         thread.join(10)
+
+
+def test_plans_say_how_many_established_streams_decode() -> None:
+    """The runner feeds prompts differently when steady streams would be held back."""
+    sched, runner, _ = scheduler()
+    early = [sequence(max_tokens=100) for _ in range(3)]
+    sched.submit(*early)
+    for _ in range(12):
+        sched.step()
+    late = sequence(max_tokens=100)
+    sched.submit(late)
+    sched.step()
+    assert [p.established for p in runner.plans[:8]] == [0] * 8  # tokens 1 to 8
+    assert runner.plans[-1].established == 3

@@ -271,16 +271,17 @@ class Scheduler:
         remove = self._free_rows()
         self._admit()
         decoding = [s for s in self._running if s.holds_row and s.phase is Phase.DECODING]
+        established = sum(s.scheduled >= _ESTABLISHED_TOKENS for s in decoding)
         for sequence in decoding:
             sequence.scheduled += 1
-        chunks = self._plan_prefill()
+        chunks = self._plan_prefill(established)
         for chunk in chunks:
             sequence = self._by_key[chunk.key]
             sequence.prefilled = chunk.end
             if chunk.completes_prompt:
                 sequence.phase = Phase.DECODING
                 sequence.scheduled = 1
-        return StepPlan(self.steps, tuple(remove), bool(decoding), tuple(chunks))
+        return StepPlan(self.steps, tuple(remove), bool(decoding), tuple(chunks), established)
 
     def _free_rows(self) -> list[int]:
         """End cancelled and released sequences; free rows with nothing left to compute."""
@@ -329,7 +330,7 @@ class Scheduler:
             self._by_key[candidate.key] = candidate
             costs.append(cost)
 
-    def _plan_prefill(self) -> list[PrefillChunk]:
+    def _plan_prefill(self, established: int) -> list[PrefillChunk]:
         """Prompt work for this step, within the prefill budget, oldest first.
 
         Prompt work stalls every decoding row for this step, and serves every
@@ -344,11 +345,6 @@ class Scheduler:
         (with others, as one padded batch); a prompt longer than a chunk is
         split into chunks; a shorter one waits for a step with room for it.
         """
-        established = sum(
-            s.phase is Phase.DECODING and s.scheduled > _ESTABLISHED_TOKENS
-            for s in self._running
-            if s.holds_row
-        )
         prefilling = sum(s.phase is Phase.PREFILLING for s in self._running if s.holds_row)
         cap = self._limits.max_prefill_tokens
         budget = cap

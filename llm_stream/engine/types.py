@@ -149,6 +149,9 @@ class StepPlan:
     remove: tuple[int, ...] = ()
     decode: bool = False
     prefill: tuple[PrefillChunk, ...] = ()
+    # Decoding rows past their first tokens: streams whose steady pace this step's
+    # prompt work should not stall (0 at a cold start, where all are new).
+    established: int = 0
 
     @property
     def computes(self) -> bool:

@@ -44,11 +44,11 @@ log = logging.getLogger(__name__)
 
 # Whole prompts share one padded prefill while padding adds at most this share of work.
 _MAX_PADDING_WASTE = 0.25
-# In a step that decodes nobody, whole prompts go to padded eager batches rather than
-# one by one to the staging slot when there are at least this many per batch. Measured
-# on an H200 (1B shape): 64 mixed prompts got their first tokens after 162 ms in about 7
-# eager batches against 258 ms staged, 32 equal ones 42 against 117 ms; 8 mixed ones 32
-# ms staged against 189 ms in eager batches.
+# When no established stream decodes (a cold start and its wave), whole prompts go to
+# padded eager batches rather than one by one to the staging slot when there are at
+# least this many per batch. Measured on an H200 (1B shape): 64 mixed prompts got their
+# first tokens after 162 ms in about 7 eager batches against 251-258 ms staged, 32 equal
+# ones 42 against 117 ms; 8 mixed ones 32-35 ms staged against 189 ms in eager batches.
 _EAGER_BATCH_PROMPTS = 8
 
 
@@ -120,8 +120,8 @@ class HFStepRunner:
         if plan.decode and self._batch.rows:
             launched.keys.extend(self._batch.keys)
             parts.append(self._decode())
-        decoding = bool(launched.keys)
-        for keys, first in self._prefill(plan.prefill, launched.failed, decoding=decoding):
+        prefilled = self._prefill(plan.prefill, launched.failed, established=plan.established)
+        for keys, first in prefilled:
             launched.keys.extend(keys)
             parts.append(first)
         if parts:
@@ -209,10 +209,11 @@ class HFStepRunner:
 
     # -- prompts -------------------------------------------------------------------------
 
-    def _batches_pay(self, chunks: Sequence[PrefillChunk], decoding: bool) -> bool:
-        """Whether, with no row decoding, the whole prompts are many enough per padded
-        batch for a few eager forwards to beat feeding them one by one."""
-        if decoding or self._staged is not None:
+    def _batches_pay(self, chunks: Sequence[PrefillChunk], established: int) -> bool:
+        """Whether, with no established stream to hold back, the whole prompts are many
+        enough per padded batch for a few eager forwards to beat feeding them one by one
+        (an eager forward is some 10 ms of launches on a GPU, whatever its size)."""
+        if established or self._staged is not None:
             return False
         lengths = [
             len(c.prepared.prompt_ids) for c in chunks if c.start == 0 and c.completes_prompt
@@ -226,17 +227,17 @@ class HFStepRunner:
         chunks: Sequence[PrefillChunk],
         failed: list[tuple[int, BaseException]],
         *,
-        decoding: bool = False,
+        established: int = 0,
     ) -> list[tuple[list[int], torch.Tensor]]:
         """Feed the chunks; returns, per group that joined, its keys and first tokens.
 
         With prefill graphs, each chunk is fed in the staging slot by fixed-shape
         replays, whose cost is the chunk's compute, not hundreds of launches: a step
-        that also decodes stays short. A chunk that finds the slot held by another
-        prompt (fed over several steps) takes the eager path, with its own cache, and
-        so do many whole prompts in a step that decodes nobody (``_batches_pay``).
+        that also decodes established streams stays short. A chunk that finds the slot
+        held by another prompt (fed over several steps) takes the eager path, with its
+        own cache, and so do many whole prompts of a cold start (``_batches_pay``).
         """
-        if self.chunk_graphs is None or self._batches_pay(chunks, decoding):
+        if self.chunk_graphs is None or self._batches_pay(chunks, established):
             return self._prefill_eager(chunks, failed)
         joined: list[tuple[list[int], torch.Tensor]] = []
         eager = []
