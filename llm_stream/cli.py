@@ -66,6 +66,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+AUTO = "auto"
+
+
+def _auto_or_positive_int(text: str) -> int | str:
+    """``auto`` (the setting is left to the device) or a positive integer."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    return _positive_int(text)
+
+
 def _mebibytes(text: str) -> int:
     return _positive_int(text) * 1024 * 1024
 
@@ -83,7 +93,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
     ("--max-concurrent", _positive_int, "sequences in a model's batch at once (batch rows)"),
     (
         "--max-batch-tokens",
-        _positive_int,
+        _auto_or_positive_int,
         "KV token budget of a model's batch: rows x the largest prompt + max_tokens among "
         "them (auto: 65536 on the CPU; on CUDA what --gpu-memory-utilization leaves)",
     ),
@@ -263,7 +273,7 @@ def parse_settings(
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 parser.error(f"{env_name(flag)}: {exc}")
         if given is not None:
-            values[field_of(flag)] = given
+            values[field_of(flag)] = None if given == AUTO else given
     models = args.model
     if models is None and env.get(env_name("--model")):
         models = [m.strip() for m in env[env_name("--model")].split(",") if m.strip()]

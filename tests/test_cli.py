@@ -115,6 +115,14 @@ def test_flags_beat_env_which_beats_defaults() -> None:
     assert env_name("--max-message-mb") == "LLM_STREAM_MAX_MESSAGE_MB"
 
 
+def test_auto_batch_tokens_is_left_to_the_device_and_beats_the_env() -> None:
+    env = {"LLM_STREAM_MAX_BATCH_TOKENS": "4096"}
+    assert parse_settings([], env).max_batch_tokens == 4096
+    assert parse_settings(["--max-batch-tokens", "auto"], env).max_batch_tokens is None
+    assert parse_settings([], {"LLM_STREAM_MAX_BATCH_TOKENS": "AUTO"}).max_batch_tokens is None
+    assert parse_settings([]).max_batch_tokens is None
+
+
 def test_model_flag_repeats_and_env_is_comma_separated() -> None:
     assert parse_settings(["--model", "a=/m/a", "--model", "b=org/b@v2"], {}).models == (
         "a=/m/a",
@@ -153,6 +161,10 @@ def test_model_flag_repeats_and_env_is_comma_separated() -> None:
         (["--metrics-port", "9100", "--http-port", "9100"], {}, ("--http-port", "differ")),
         (["--http-port", "70000"], {}, ("--http-port", "0 to 65535")),
         (["--retry-pushback", "-1"], {}, ("--retry-pushback", "negative")),
+        (["--cuda-graphs", "sometimes"], {}, ("--cuda-graphs", "auto, off")),
+        ([], {"LLM_STREAM_ENGINE_PROCESS": "maybe"}, ("ENGINE_PROCESS", "auto, on, off")),
+        (["--gpu-memory-utilization", "1.5"], {}, ("--gpu-memory-utilization", "1.0")),
+        (["--max-batch-tokens", "0"], {}, ("--max-batch-tokens", "at least 1")),
     ],
 )
 def test_bad_values_are_a_clear_usage_error(
@@ -221,6 +233,19 @@ def test_hub_spec_with_revision() -> None:
     assert parse_model_spec("qwen=Qwen/Qwen2.5-0.5B-Instruct") == ModelSpec(
         "qwen", "hub", "Qwen/Qwen2.5-0.5B-Instruct", None
     )
+
+
+def test_random_weights_spec(tmp_path: Path) -> None:
+    assert parse_model_spec("random:llama-3.2-1b") == ModelSpec(
+        "random-llama-3.2-1b", "random", "llama-3.2-1b"
+    )
+    (tmp_path / "config.json").write_text("{}")
+    spec = parse_model_spec(f"big=random:{tmp_path / 'config.json'}@{tmp_path}")
+    assert (spec.model_id, spec.kind, spec.tokenizer) == ("big", "random", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="neither a known shape"):
+        parse_model_spec("random:llama-99b")
+    with pytest.raises(ModelLoadError, match="tokenizer folder"):
+        parse_model_spec(f"random:llama-3.2-1b@{tmp_path / 'missing'}")
 
 
 @pytest.mark.parametrize("text", ["/nonexistent/folder", "./missing", "~/no/such/model/here"])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llm_stream.model.loader import cached_file_digest, file_digest, load_backend
 from llm_stream.model.sources import parse_model_spec
+from tests.conftest import prompt_request, running_server, tiny_settings
 
 
 def test_digest_is_remembered_per_file_stat(tmp_path: Path) -> None:
@@ -48,3 +49,21 @@ def test_folder_model_version_follows_its_weights(tiny_model_dir: Path, tmp_path
     weights.write_bytes(bytes(data))
     other = load_backend(parse_model_spec(f"m={retrained}"), "cpu", "auto", cache).version
     assert other != version
+
+
+async def test_random_weights_of_a_config_serve_the_same_model_twice(
+    tiny_model_dir: Path, cache_dir: Path
+) -> None:
+    """random:CONFIG@TOKENIZER: seeded, so a benchmark's baselines load the same model."""
+    spec = parse_model_spec(f"rnd=random:{tiny_model_dir}@{tiny_model_dir}")
+    first = load_backend(spec, "cpu", "auto", cache_dir)
+    second = load_backend(spec, "cpu", "auto", cache_dir)
+    assert first.version == second.version and first.version.startswith("random-seed0-")
+    weights = [p.sum().item() for p in first._model.parameters()]
+    assert weights == [p.sum().item() for p in second._model.parameters()]
+    settings = tiny_settings(
+        tiny_model_dir, cache_dir, models=(f"rnd=random:{tiny_model_dir}@{tiny_model_dir}",)
+    )
+    async with running_server(settings) as running:
+        reply = await running.stub.Predict(prompt_request("Hello world", max_tokens=6))
+        assert reply.usage.completion_tokens > 0 and reply.model_version == first.version
