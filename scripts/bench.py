@@ -837,6 +837,21 @@ def burst_lines(burst: BurstResult) -> list[str]:
     return lines
 
 
+def burst_check(burst: BurstResult | None) -> str:
+    """The running streams' ITL p95 during a burst at most 3x steady."""
+    if burst is None:
+        return check(None, "burst ITL p95 <= 3x steady (no burst scenario)")
+    steady = percentile(burst.steady_itl(), 95)
+    spike = percentile(burst.burst_itl(), 95)
+    if not steady or spike is None:
+        return check(None, "burst ITL p95 <= 3x steady (no gaps measured)")
+    return check(
+        spike <= 3 * steady,
+        f"burst: running streams' ITL p95 {spike:.1f} ms <= 3x steady p95 {steady:.1f} ms "
+        f"({spike / steady:.2f}x)",
+    )
+
+
 def check(ok: bool | None, text: str) -> str:
     verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
     return f"- {verdict}: {text}"
@@ -892,21 +907,7 @@ def targets(results: ServerResults, rows: dict[str, Row], baselines: Baselines |
         )
     else:
         lines.append(check(None, "64 streams: none rejected (not measured)"))
-    if results.burst:
-        steady = percentile(results.burst.steady_itl(), 95)
-        spike = percentile(results.burst.burst_itl(), 95)
-        if steady and spike is not None:
-            lines.append(
-                check(
-                    spike <= 3 * steady,
-                    f"burst ITL p95 {spike:.1f} ms <= 3x steady p95 {steady:.1f} ms "
-                    f"({spike / steady:.2f}x)",
-                )
-            )
-        else:
-            lines.append(check(None, "burst ITL p95 <= 3x steady (no gaps measured)"))
-    else:
-        lines.append(check(None, "burst ITL p95 <= 3x steady (no burst scenario)"))
+    lines.append(burst_check(results.burst))
     return lines
 
 
@@ -926,42 +927,24 @@ def gpu_targets(results: ServerResults, rows: dict[str, Row], baselines: Baselin
                 f"{row.floor_tokens_per_s:,.0f} at {rows_at} rows ({row.floor_ratio:.2f}x)",
             )
         )
-    row64 = rows.get("server, 64 streams")
-    if row64 and row64.itl[1] is not None and 64 in step:
-        lines.append(
-            check(
-                row64.itl[1] <= 2 * step[64],
-                f"64 streams: ITL p95 {row64.itl[1]:.1f} ms <= 2x the graph step {step[64]:.2f} ms",
-            )
-        )
-    one = rows.get("server, 1 stream")
-    if one and one.itl[0] is not None and 1 in step:
-        lines.append(
-            check(
-                one.itl[0] <= 1.5 * step[1],
-                f"1 stream: ITL p50 {one.itl[0]:.2f} ms <= 1.5x the graph step {step[1]:.2f} ms",
-            )
-        )
-    if one and one.ttft[0] is not None and 1 in step:
-        limit = baselines.prefill_ms + step[1]
-        lines.append(
-            check(
-                one.ttft[0] <= limit,
-                f"1 stream: TTFT p50 {one.ttft[0]:.1f} ms <= prefill {baselines.prefill_ms:.1f} "
-                f"ms + one step {step[1]:.2f} ms",
-            )
-        )
-    if results.burst:
-        steady = percentile(results.burst.steady_itl(), 95)
-        spike = percentile(results.burst.burst_itl(), 95)
-        if steady and spike is not None:
+    row64, one = rows.get("server, 64 streams"), rows.get("server, 1 stream")
+    latency = [  # (row, measured ms, limit ms, what)
+        (row64, row64 and row64.itl[1], 2 * step.get(64, 0), "64 streams: ITL p95", "2x the step"),
+        (one, one and one.itl[0], 1.5 * step.get(1, 0), "1 stream: ITL p50", "1.5x the step"),
+        (
+            one,
+            one and one.ttft[0],
+            baselines.prefill_ms + step.get(1, 0),
+            "1 stream: TTFT p50",
+            f"prefill {baselines.prefill_ms:.1f} ms + one step",
+        ),
+    ]
+    for row, value, limit, what, bound in latency:
+        if row is not None and value is not None and limit:
             lines.append(
-                check(
-                    spike <= 3 * steady,
-                    f"burst of 32 into 32: running ITL p95 {spike:.1f} ms <= 3x steady "
-                    f"{steady:.1f} ms ({spike / steady:.2f}x)",
-                )
+                check(value <= limit, f"{what} {value:.2f} ms <= {bound} ({limit:.2f} ms)")
             )
+    lines.append(burst_check(results.burst))
     sustained = [r for r in results.scenarios if r.workload.label.endswith("sustained")]
     if sustained and sustained[0].gpu_util is not None:
         util = sustained[0].gpu_util

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_stream.app import LLMStreamServer, load_configured_models
+from llm_stream.engine.engine import FinishedGeneration
 from llm_stream.engine.types import ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.proto.inference.v1 import inference_pb2_grpc as pb_grpc
@@ -131,6 +132,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def cancel_after(running: RunningServer, request_id: str, tokens: int) -> FinishedGeneration:
+    """Stream a long generation, cancel it after ``tokens`` tokens; its record once freed."""
+    request = prompt_request("Hello world", max_tokens=3000)
+    request.request_id = request_id
+    stream = running.stub.StreamPredict(request)
+    async for token in stream:
+        if token.token_index == tokens:
+            break
+    stream.cancel()
+    return await running.server.engine.wait_finished(request_id, 30)
 
 
 async def collect_stream(

@@ -19,6 +19,7 @@ import pytest
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from tests.conftest import (
     RunningServer,
+    cancel_after,
     collect_stream,
     health_status,
     prompt_request,
@@ -71,14 +72,7 @@ async def test_streams_batches_and_errors_go_through_the_child(
 
 
 async def test_a_cancel_reaches_the_child_within_a_step(process_server: RunningServer) -> None:
-    request = prompt_request("Hello world", max_tokens=3000)
-    request.request_id = "process-cancel"
-    stream = process_server.stub.StreamPredict(request)
-    async for token in stream:
-        if token.token_index == 5:
-            break
-    stream.cancel()
-    record = await process_server.server.engine.wait_finished("process-cancel", 30)
+    record = await cancel_after(process_server, "process-cancel", 5)
     assert record.steps_after_cancel is not None and record.steps_after_cancel <= 1
     assert record.completion_tokens < 3000
 

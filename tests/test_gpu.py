@@ -37,7 +37,7 @@ from llm_stream.model.execution import (
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.slots import probe_layers
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from tests.conftest import prompt_request, running_server, tiny_settings
+from tests.conftest import cancel_after, prompt_request, running_server, tiny_settings
 
 pytestmark = [
     pytest.mark.gpu,
@@ -203,14 +203,7 @@ async def test_a_cancel_frees_the_row_within_one_step(
 ) -> None:
     settings = tiny_settings(tiny_model_dir, cache_dir, device="cuda", max_concurrent=8)
     async with running_server(settings) as running:
-        request = prompt_request("Hello world", max_tokens=3000)
-        request.request_id = "gpu-cancel"
-        stream = running.stub.StreamPredict(request)
-        async for token in stream:
-            if token.token_index == 20:
-                break
-        stream.cancel()
-        record = await running.server.engine.wait_finished("gpu-cancel", 30)
+        record = await cancel_after(running, "gpu-cancel", 20)
         assert record.steps_after_cancel is not None and record.steps_after_cancel <= 1
         reply = await running.stub.Predict(prompt_request("again", max_tokens=4))
         assert reply.usage.completion_tokens == 4 and isinstance(reply, pb.PredictResponse)

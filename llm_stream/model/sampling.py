@@ -104,6 +104,17 @@ def sample_rows(
     return indices.gather(1, choice).squeeze(1)
 
 
+# Each row's settings as device tensors: (attribute, dtype, value of a free row).
+_ROW_SETTINGS = (
+    ("temperature", torch.float32, 0.0),
+    ("top_k", torch.long, 0),
+    ("top_p", torch.float32, 1.0),
+    ("penalty", torch.float32, 1.0),
+    ("seed_lo", torch.long, 0),
+    ("seed_hi", torch.long, 0),
+)
+
+
 class BatchSampler:
     """The sampling settings of every batch row, on the device, moved as rows move.
 
@@ -111,16 +122,19 @@ class BatchSampler:
     step (any sampled rows? any penalties? how many candidates?) need no sync.
     """
 
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    penalty: torch.Tensor
+    seed_lo: torch.Tensor
+    seed_hi: torch.Tensor
+
     def __init__(self, rows: int, device: torch.device) -> None:
         self.device = device
         self._transfer = Transfer(device)
         self._params: list[SamplingParams | None] = [None] * rows
-        self.temperature = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
-        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
-        self.penalty = torch.ones(rows, dtype=torch.float32, device=device)
-        self.seed_lo = torch.zeros(rows, dtype=torch.long, device=device)
-        self.seed_hi = torch.zeros(rows, dtype=torch.long, device=device)
+        for name, dtype, fill in _ROW_SETTINGS:
+            setattr(self, name, torch.full((rows,), fill, dtype=dtype, device=device))
         # Ids each row has seen, for the repetition penalty; made when first needed.
         self._seen: torch.Tensor | None = None
 
@@ -129,14 +143,7 @@ class BatchSampler:
         return len(self._params)
 
     def _tensors(self) -> list[torch.Tensor]:
-        tensors = [
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            self.penalty,
-            self.seed_lo,
-            self.seed_hi,
-        ]
+        tensors = [getattr(self, name) for name, _, _ in _ROW_SETTINGS]
         return tensors if self._seen is None else [*tensors, self._seen]
 
     def grow(self, rows: int) -> None:
@@ -145,21 +152,12 @@ class BatchSampler:
             return
         extra = rows - self.rows
         self._params.extend([None] * extra)
-        fills = (0.0, 0, 1.0, 1.0, 0, 0, False)
-        grown = []
-        for tensor, fill in zip(self._tensors(), fills, strict=False):
-            more = torch.full((extra, *tensor.shape[1:]), fill, dtype=tensor.dtype)
-            grown.append(torch.cat([tensor, more.to(self.device)]))
-        (
-            self.temperature,
-            self.top_k,
-            self.top_p,
-            self.penalty,
-            self.seed_lo,
-            self.seed_hi,
-        ) = grown[:6]
+        for name, dtype, fill in _ROW_SETTINGS:
+            more = torch.full((extra,), fill, dtype=dtype, device=self.device)
+            setattr(self, name, torch.cat([getattr(self, name), more]))
         if self._seen is not None:
-            self._seen = grown[6]
+            more_seen = self._seen.new_zeros((extra, self._seen.shape[1]))
+            self._seen = torch.cat([self._seen, more_seen])
 
     def place(
         self,
