@@ -30,6 +30,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from llm_stream.engine.scheduler import BatchLimits, Scheduler, StepOutput  # noqa: E402
 from llm_stream.engine.sequence import Sequence as Seq  # noqa: E402
 from llm_stream.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from llm_stream.model.backend import pad_token_id  # noqa: E402
 from llm_stream.model.loader import load_backend  # noqa: E402
 from llm_stream.model.sources import parse_model_spec  # noqa: E402
 from llm_stream.settings import default_cache_dir  # noqa: E402
@@ -45,10 +46,7 @@ def llm_stream_loop(
     runner = backend.new_runner()
     delivered: list[StepOutput] = []
     scheduler = Scheduler(runner, BatchLimits(max_rows=len(requests)), delivered.extend)
-    sequences = []
-    for request in requests:
-        prepared = backend.prepare(request)
-        sequences.append(Seq(prepared, backend.text_assembler(prepared)))
+    sequences = [Seq(backend.prepare(request)) for request in requests]
     started = time.perf_counter()
     scheduler.submit(*sequences)
     while not all(s.finished for s in sequences):
@@ -56,7 +54,7 @@ def llm_stream_loop(
     seconds = time.perf_counter() - started
     tokens: dict[int, list[int]] = {s.key: [] for s in sequences}
     for output in delivered:
-        tokens[output.sequence.key] += [e.token_id for e in output.events]
+        tokens[output.key] += output.token_ids
     return seconds, [tokens[s.key] for s in sequences]
 
 
@@ -96,7 +94,10 @@ def main() -> None:
     model, tokenizer = backend._model, backend._tokenizer
     eos = sorted(backend._eos_ids)
     config = GenerationConfig(
-        max_new_tokens=args.tokens, do_sample=False, eos_token_id=eos, pad_token_id=backend._pad_id
+        max_new_tokens=args.tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad_token_id(tokenizer, backend._eos_ids),
     )
     rows = []
     for name, prompt_set in (("mixed prompts", PROMPTS), ("one short prompt", (SHORT_PROMPT,))):
