@@ -41,6 +41,7 @@ import math
 import multiprocessing
 import os
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -463,6 +464,10 @@ async def measure_server(
 def profiled(path: str | None, process: subprocess.Popen[bytes] | None) -> Iterator[None]:
     """py-spy records the server (and its engine processes) meanwhile, into ``path``."""
     if not path or process is None:
+        yield
+        return
+    if shutil.which("py-spy") is None:
+        note("--py-spy: py-spy is not on PATH (pip install py-spy); not profiling")
         yield
         return
     command = ["py-spy", "record", "--threads", "--nonblocking", "--subprocesses", "-r", "200"]
