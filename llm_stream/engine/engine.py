@@ -1,10 +1,10 @@
 """The engine: requests in, async streams of token events out, one batch per model.
 
-A request is prepared first (chat template, tokenizer, context check) on a
-small thread pool, so a bad request fails before it holds anything. It then
-becomes a :class:`Sequence` in its model's :class:`Scheduler`, whose thread runs
-the continuous batch, and a stream in the model's :class:`OutputStage`, whose
-thread turns each step's token ids into text. That stage hands each step's
+A request is prepared first (chat template, tokenizer, context check) on its
+model core's small thread pool, so a bad request fails before it holds
+anything. It then becomes a :class:`Sequence` in its model's :class:`Scheduler`,
+whose thread runs the continuous batch, and a stream in the model's
+:class:`OutputStage`, whose thread turns each step's token ids into text. That stage hands each step's
 events to the event loop in one call; they land in the stream's own queue,
 which never blocks the batch: a slow reader's events wait there (a stream holds
 at most ``max_tokens`` small events), and its row goes on decoding. Leaving the
@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Callable
 from collections.abc import Sequence as Items
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -80,10 +79,8 @@ class _Stream:
 class Engine:
     def __init__(self, limits: BatchLimits) -> None:
         self.limits = limits
-        self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix="llm-stream-prepare")
         self._models: dict[str, _Model] = {}
         self._outboxes: dict[int, asyncio.Queue[list[Event]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.default_model_id = ""
         self.state = EngineState.STARTING
         self.finished: collections.deque[FinishedGeneration] = collections.deque(maxlen=1000)
@@ -101,7 +98,7 @@ class Engine:
 
         Call on the event loop.
         """
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
 
         def publish(step: PublishedStep) -> None:
             try:

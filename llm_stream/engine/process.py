@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -123,12 +123,6 @@ class _Counters:
     running: int = 0
     waiting: int = 0
     steps: int = 0
-
-
-@dataclass
-class _Lost:
-    reason: str = ""
-    keys: set[int] = field(default_factory=set)
 
 
 class RemoteCore:
