@@ -4,12 +4,12 @@ A request is prepared first (chat template, tokenizer, context check) on its
 model core's small thread pool, so a bad request fails before it holds
 anything. It then becomes a :class:`Sequence` in its model's :class:`Scheduler`,
 whose thread runs the continuous batch, and a stream in the model's
-:class:`OutputStage`, whose thread turns each step's token ids into text. That stage hands each step's
-events to the event loop in one call; they land in the stream's own queue,
-which never blocks the batch: a slow reader's events wait there (a stream holds
-at most ``max_tokens`` small events), and its row goes on decoding. Leaving the
-stream for any reason (cancel, disconnect, deadline, drain) cancels the
-sequence, and its row is freed before the next decode step.
+:class:`OutputStage`, whose thread turns each step's token ids into text. That
+stage hands each step's events to the event loop in one call; they land in the
+stream's own queue, which never blocks the batch: a slow reader's events wait
+there (a stream holds at most ``max_tokens`` small events), and its row goes on
+decoding. Leaving the stream for any reason (cancel, disconnect, deadline,
+drain) cancels the sequence, and its row is freed before the next decode step.
 """
 
 from __future__ import annotations
