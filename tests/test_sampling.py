@@ -10,6 +10,7 @@ import torch
 
 from llm_stream.engine.types import SamplingParams
 from llm_stream.model.sampling import BatchSampler, split_seed, uniforms
+from llm_stream.model.slots import RowMoves
 
 CPU = torch.device("cpu")
 VOCAB = 50
@@ -106,7 +107,7 @@ def test_rows_keep_their_settings_when_they_move() -> None:
     sampler = sampler_for([params(), params(temperature=0.8, seed=9), params(top_k=1, seed=1)])
     expected = draws(sampler_for([params(temperature=0.8, seed=9)]), logits[1:2], 5)
     # Row 0 leaves: row 2 moves into its slot, row 1 stays.
-    sampler.move(torch.tensor([0]), torch.tensor([2]), [(0, 2)])
+    sampler.move(RowMoves([(0, 2)], torch.tensor([0]), torch.tensor([2])))
     sampler.clear(slice(2, 3))
     assert draws(sampler, logits, 5, row=1) == expected
 

@@ -166,13 +166,8 @@ class HFStepRunner:
             self._staged = None
         before = self._batch.rows
         moves = self._batch.remove(list(keys))
-        if moves:
-            transfer = self._batch.transfer
-            self._sampler.move(
-                transfer.to_device([t for t, _ in moves], torch.long),
-                transfer.to_device([s for _, s in moves], torch.long),
-                moves,
-            )
+        if moves is not None:
+            self._sampler.move(moves)
         self._sampler.clear(slice(self._batch.rows, before))
 
     # -- decoding ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from llm_stream.engine.types import SamplingParams
+from llm_stream.model.slots import RowMoves
 from llm_stream.model.transfer import Transfer
 
 _MIN_TEMPERATURE = 1e-4
@@ -193,13 +194,11 @@ class BatchSampler:
             self._seen = torch.zeros((self.rows, vocab), dtype=torch.bool, device=self.device)
         return self._seen
 
-    def move(
-        self, targets: torch.Tensor, sources: torch.Tensor, moves: Sequence[tuple[int, int]]
-    ) -> None:
-        """Rows ``sources`` are copied into ``targets`` (batch rows compacting)."""
+    def move(self, moves: RowMoves) -> None:
+        """Rows follow the batch's compaction (:meth:`SlotBatch.remove`)."""
         for tensor in self._tensors():
-            tensor.index_copy_(0, targets, tensor.index_select(0, sources))
-        for target, source in moves:
+            moves.apply(tensor)
+        for target, source in moves.pairs:
             self._params[target] = self._params[source]
 
     def clear(self, rows: slice) -> None:

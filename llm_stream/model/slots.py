@@ -79,6 +79,20 @@ def unsupported_cache_layers(model: Any) -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class RowMoves:
+    """Rows moved into freed slots: ``(target, source)`` pairs, and the same as index
+    tensors on the device, made once for every per-row tensor that has to follow."""
+
+    pairs: list[tuple[int, int]]
+    targets: torch.Tensor
+    sources: torch.Tensor
+
+    def apply(self, tensor: torch.Tensor) -> None:
+        """Copy rows ``sources`` of ``tensor`` (its first dimension) into ``targets``."""
+        tensor.index_copy_(0, self.targets, tensor.index_select(0, self.sources))
+
+
 class DecodeView:
     """What the next forward covers, shared by the slot layers.
 
@@ -386,31 +400,33 @@ class SlotBatch:
                     slab[slots, :, padded:].zero_()
         return self._open(slots, keys, lengths, first_tokens)
 
-    def remove(self, keys: Sequence[int]) -> list[tuple[int, int]]:
+    def remove(self, keys: Sequence[int]) -> RowMoves | None:
         """Drop these rows; the last rows move into the freed slots.
 
-        Returns the moves ``(target, source)`` made, for state kept elsewhere by slot.
+        Returns the moves made (None when no row moved), for state kept elsewhere by slot.
         """
         gone = set(keys)
         drop = [i for i, key in enumerate(self.keys) if key in gone]
         if not drop:
-            return []
+            return None
         rows = self.rows
         left = rows - len(drop)
         holes = [i for i in drop if i < left]
         movers = [i for i in range(left, rows) if self.keys[i] not in gone]
-        moves = list(zip(holes, movers, strict=True))
-        if moves:
-            targets = self.transfer.to_device(holes, torch.long)
-            sources = self.transfer.to_device(movers, torch.long)
+        moves = None
+        if holes:
+            moves = RowMoves(
+                list(zip(holes, movers, strict=True)),
+                self.transfer.to_device(holes, torch.long),
+                self.transfer.to_device(movers, torch.long),
+            )
             width = max(self.lengths[i] for i in movers) + 1
             for keys_slab, values_slab in self.slabs:
-                for slab in (keys_slab, values_slab):
-                    used = slab[:, :, :width]
-                    used.index_copy_(0, targets, used.index_select(0, sources))
+                moves.apply(keys_slab[:, :, :width])
+                moves.apply(values_slab[:, :, :width])
             for tensor in (self.ids, self.pos, self.bias):
-                tensor.index_copy_(0, targets, tensor.index_select(0, sources))
-            for target, source in moves:
+                moves.apply(tensor)
+            for target, source in moves.pairs:
                 self.keys[target] = self.keys[source]
                 self.lengths[target] = self.lengths[source]
         del self.keys[left:]
