@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import operator
 import re
@@ -878,7 +879,7 @@ def test_extreme_repetition_penalties_still_choose_a_token(
     ]
     sampler.place(0, params, [list(range(vocab))] * 3, vocab=vocab)
     for step in range(3):
-        tokens = sampler.sample(logits, slice(0, 3), torch.full((3,), 10 + step))
+        tokens = sampler.sample(logits, slice(0, 3), functools.partial(torch.full, (3,), 10 + step))
         sampler.record(tokens, slice(0, 3))
         assert all(0 <= token < vocab for token in tokens.tolist()), tokens
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Sequence
 
 import pytest
@@ -37,7 +38,9 @@ def draws(sampler: BatchSampler, logits: torch.Tensor, steps: int, row: int = 0)
     rows = sampler.rows
     out = []
     for position in range(steps):
-        tokens = sampler.sample(logits, slice(0, rows), torch.full((rows,), position))
+        tokens = sampler.sample(
+            logits, slice(0, rows), functools.partial(torch.full, (rows,), position)
+        )
         sampler.record(tokens, slice(0, rows))
         out.append(int(tokens[row]))
     return out
@@ -46,7 +49,7 @@ def draws(sampler: BatchSampler, logits: torch.Tensor, steps: int, row: int = 0)
 def test_greedy_rows_take_the_argmax() -> None:
     logits = logits_rows(3)
     sampler = sampler_for([params(), params(), params()])
-    chosen = sampler.sample(logits, slice(0, 3), torch.zeros(3, dtype=torch.long))
+    chosen = sampler.sample(logits, slice(0, 3), lambda: torch.zeros(3, dtype=torch.long))
     assert chosen.tolist() == logits.argmax(-1).tolist()
 
 

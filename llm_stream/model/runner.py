@@ -181,7 +181,7 @@ class HFStepRunner:
         else:
             batch.ensure(rows, width)  # this step writes at width - 1, and opens width
             logits = self.forward_decode(rows, width)
-        tokens = self._sampler.sample(logits, slice(0, rows), batch.pos[:rows] + 1)
+        tokens = self._sampler.sample(logits, slice(0, rows), lambda: batch.pos[:rows] + 1)
         self._sampler.record(tokens, slice(0, rows))
         batch.advance(tokens)
         return tokens
@@ -358,8 +358,9 @@ class HFStepRunner:
                 [c.prepared.prompt_ids for c in chunks],
                 vocab=int(logits.shape[-1]),
             )
-            positions = batch.transfer.to_device(list(lengths), torch.long)
-            tokens = sampler.sample(logits, slots, positions)
+            tokens = sampler.sample(
+                logits, slots, lambda: batch.transfer.to_device(list(lengths), torch.long)
+            )
             sampler.record(tokens, slots)
             keys = [c.key for c in chunks]
             place(keys, tokens)

@@ -15,7 +15,7 @@ text for the same logits.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -204,11 +204,14 @@ class BatchSampler:
     def clear(self, rows: slice) -> None:
         self._params[rows] = [None] * len(self._params[rows])
 
-    def sample(self, logits: torch.Tensor, rows: slice, positions: torch.Tensor) -> torch.Tensor:
+    def sample(
+        self, logits: torch.Tensor, rows: slice, positions: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
         """The next token of rows ``rows`` (long, on the device); ``logits`` is ``[rows, vocab]``.
 
-        ``positions`` holds the position each row's new token will take: with the
-        seed, it picks the row's uniform number.
+        ``positions()`` gives the position each row's new token will take: with the
+        seed, it picks the row's uniform number. It is called only when a row samples,
+        so an all-greedy step costs its argmax alone.
         """
         params = [p for p in self._params[rows] if p is not None]
         if any(p.repetition_penalty != 1.0 for p in params):
@@ -221,7 +224,7 @@ class BatchSampler:
             vocab = logits.shape[-1]
             candidates = max(p.top_k if 0 < p.top_k < vocab else vocab for p in sampled)
             temperature = self.temperature[rows]
-            draws = uniforms(self.seed_lo[rows], self.seed_hi[rows], positions)
+            draws = uniforms(self.seed_lo[rows], self.seed_hi[rows], positions())
             drawn = sample_rows(
                 logits,
                 temperature=temperature,
