@@ -281,19 +281,23 @@ class ScenarioResult:
         return [s.code for s in self.streams if s.code and s.code != "RESOURCE_EXHAUSTED"]
 
 
+def nvml() -> Any:
+    """NVIDIA's management library (nvidia-ml-py), initialised; None without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # not installed, or no NVIDIA driver here
+        return None
+    return pynvml
+
+
 class GpuMonitor:
     """The GPU's utilisation (NVML: share of time a kernel ran), sampled every 20 ms."""
 
     def __init__(self) -> None:
-        self._handle: Any = None
-        try:
-            import pynvml  # nvidia-ml-py, where an NVIDIA driver is
-
-            pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            self._nvml: Any = pynvml
-        except Exception:  # no NVML here: no utilisation column
-            self._handle = None
+        self._nvml: Any = nvml()
+        self._handle: Any = None if self._nvml is None else self._nvml.nvmlDeviceGetHandleByIndex(0)
 
     @contextlib.asynccontextmanager
     async def sampling(self) -> Any:

@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,18 +34,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import free_port
+
 # Plain English, so that detokenisation does its usual work.
 TEXT = (
     "The committee met on a rainy Tuesday to discuss the new library, which had been "
     "planned for years. Everyone agreed that the reading rooms should face the river, "
     "but nobody could decide how many computers the children's floor would need. "
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- the server process ----------------------------------------------------------

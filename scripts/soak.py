@@ -110,7 +110,7 @@ from llm_stream.proto.inference.v1 import inference_pb2 as pb
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import PROMPTS as BENCH_PROMPTS
-from bench import percentile, wait_ready
+from bench import nvml, percentile, wait_ready
 
 log = logging.getLogger("soak")
 
@@ -440,17 +440,9 @@ class GpuMemory:
     """GPU memory of the server process and its children (NVML), where there is a GPU."""
 
     def __init__(self) -> None:
-        self._nvml: Any = None
-        try:
-            import pynvml  # nvidia-ml-py, where an NVIDIA driver is
-
-            pynvml.nvmlInit()
-            self._handles = [
-                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
-            ]
-            self._nvml = pynvml
-        except Exception:  # no NVIDIA driver here: nothing to sample
-            self._nvml = None
+        self._nvml: Any = nvml()
+        count = 0 if self._nvml is None else self._nvml.nvmlDeviceGetCount()
+        self._handles = [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
 
     def used(self, pid: int) -> int | None:
         if self._nvml is None:
