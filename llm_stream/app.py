@@ -66,7 +66,7 @@ def load_configured_models(settings: Settings) -> list[ModelBackend | CoreStarte
         max_batch_tokens=settings.max_batch_tokens,
         cuda_graphs=settings.cuda_graphs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        max_prefill_tokens=BatchLimits().max_prefill_tokens,
+        max_prefill_tokens=batch_limits(settings).max_prefill_tokens,
     )
     models: list[ModelBackend | CoreStarter]
     if uses_engine_process(settings):
@@ -158,6 +158,7 @@ class LLMStreamServer:
         self.ready: asyncio.Task[None] | None = None
         # Set when a model's engine process dies: the server can no longer serve it.
         self.failed = asyncio.Event()
+        self._lost: asyncio.Task[None] | None = None  # health turning, once a model is lost
         self.engine.lost_listeners.append(self._on_model_lost)
 
     def _bind(self) -> None:
@@ -273,7 +274,7 @@ class LLMStreamServer:
     def _on_model_lost(self, reason: str) -> None:
         log.critical("cannot serve any more: %s; stopping (health NOT_SERVING)", reason)
         self.engine.state = EngineState.DRAINING
-        asyncio.get_running_loop().create_task(self.health.mark_draining())
+        self._lost = asyncio.get_running_loop().create_task(self.health.mark_draining())
         self.failed.set()
 
     async def _drain_http(self, grace: float) -> None:
