@@ -215,7 +215,7 @@ def test_out_of_memory_at_capture_is_a_clear_start_up_error(
     """Last in this file: it fills the GPU's memory for a moment."""
     real = DecodeGraphs.capture
 
-    def starved(self: DecodeGraphs, device: torch.device) -> Any:
+    def starved(self: DecodeGraphs, device: torch.device, pool: Any) -> Any:
         ballast = []
         for size in (2**30, 2**24, 2**20):
             while True:
@@ -224,7 +224,7 @@ def test_out_of_memory_at_capture_is_a_clear_start_up_error(
                 except torch.OutOfMemoryError:
                     break
         try:
-            return real(self, device)
+            return real(self, device, pool)
         finally:
             ballast.clear()
             torch.cuda.empty_cache()

@@ -203,7 +203,7 @@ def test_fixed_buffers_padded_to_buckets_compute_what_rows_compute_alone(model: 
     runner = static_runner(
         model, CPU, 0, probe_layers(model, CPU), rows=16, budget=SlotBudget(511, "test")
     )
-    assert runner.graphs is not None and runner.graphs.rows == [1, 2, 4, 8, 16]
+    assert runner.graphs is not None and runner.graphs.sizes == [1, 2, 4, 8, 16]
     prompts = {key: [(key * 11 + i) % 300 + 3 for i in range(5 + key * 3)] for key in range(1, 11)}
     prompts[11] = [(i * 7) % 300 + 3 for i in range(240)]
     drive = Driver(runner)

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,10 +58,13 @@ Forward = Callable[[int, int], torch.Tensor]
 
 
 class DecodeGraphs:
-    """The decode forward by (rows, width) bucket: captured graphs, or eager runs."""
+    """A forward by (size, width) bucket: captured graphs, or eager runs.
 
-    def __init__(self, rows: Sequence[int], widths: Sequence[int], forward: Forward) -> None:
-        self.rows = sorted(rows)
+    The size is a decode step's rows, or a staged prompt chunk's tokens.
+    """
+
+    def __init__(self, sizes: Sequence[int], widths: Sequence[int], forward: Forward) -> None:
+        self.sizes = sorted(sizes)
         self.widths = sorted(widths)
         self._forward = forward
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -68,23 +72,23 @@ class DecodeGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def bucket(self, rows: int, width: int) -> tuple[int, int]:
-        """The smallest bucket holding ``rows`` rows of ``width`` positions."""
-        r = bisect.bisect_left(self.rows, rows)
+    def bucket(self, size: int, width: int) -> tuple[int, int]:
+        """The smallest bucket holding ``size`` rows (or tokens) of ``width`` positions."""
+        r = bisect.bisect_left(self.sizes, size)
         w = bisect.bisect_left(self.widths, width)
-        if r == len(self.rows) or w == len(self.widths):
-            raise ValueError(f"{rows} rows x {width} positions exceed every captured bucket")
-        return self.rows[r], self.widths[w]
+        if r == len(self.sizes) or w == len(self.widths):
+            raise ValueError(f"{size} x {width} positions exceed every captured bucket")
+        return self.sizes[r], self.widths[w]
 
-    def capture(self, device: torch.device) -> CaptureReport:
-        """Capture the forward for every bucket (raises torch.OutOfMemoryError)."""
+    def capture(self, device: torch.device, pool: Any) -> CaptureReport:
+        """Capture the forward for every bucket into ``pool`` (one pool serves every
+        graph of a model: only one replays at a time). Raises torch.OutOfMemoryError."""
         forward = self._forward
         started = time.monotonic()
         torch.cuda.synchronize(device)
         reserved = torch.cuda.memory_reserved(device)
-        pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device)
-        for rows in reversed(self.rows):
+        for rows in reversed(self.sizes):
             for width in reversed(self.widths):
                 # A first eager run on a side stream initialises what the kernels need
                 # (library handles, workspaces) outside the capture.
@@ -103,9 +107,9 @@ class DecodeGraphs:
             torch.cuda.memory_reserved(device) - reserved,
         )
 
-    def replay(self, rows: int, width: int) -> torch.Tensor:
-        """Run the bucket's graph (or the forward, uncaptured): logits ``[bucket rows, vocab]``."""
-        bucket = self.bucket(rows, width)
+    def replay(self, size: int, width: int) -> torch.Tensor:
+        """Run the bucket's graph (or the forward, uncaptured); returns its logits."""
+        bucket = self.bucket(size, width)
         captured = self._graphs.get(bucket)
         if captured is None:
             return self._forward(*bucket)

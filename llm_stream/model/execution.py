@@ -233,13 +233,14 @@ def capture_graphs(runner: HFStepRunner, device: torch.device, options: Executio
     graphs, chunks = runner.graphs, runner.chunk_graphs
     assert graphs is not None and chunks is not None
     try:
+        pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
-            report = graphs.capture(device)
-            prefill = chunks.capture(device)
+            report = graphs.capture(device, pool)
+            prefill = chunks.capture(device, pool)
     except Exception as exc:
         if _out_of_memory(exc):
             raise ModelLoadError(
-                f"out of GPU memory capturing the decode CUDA graphs ({len(graphs.rows)} row "
+                f"out of GPU memory capturing the decode CUDA graphs ({len(graphs.sizes)} row "
                 f"buckets x {len(graphs.widths)} widths for {options.max_rows} rows): lower "
                 "--gpu-memory-utilization or --max-concurrent, or start with --cuda-graphs off"
             ) from exc
@@ -254,19 +255,19 @@ def capture_graphs(runner: HFStepRunner, device: torch.device, options: Executio
     runner.reset()  # the capture's warm-up runs wrote into free slots
     total = report.graphs + prefill.graphs
     seconds = report.seconds + prefill.seconds
-    pool = (report.pool_bytes + prefill.pool_bytes) // _MIB
+    pool_mib = (report.pool_bytes + prefill.pool_bytes) // _MIB
     log.info(
         "captured %d CUDA graphs in %.1f s, %d MiB: decode %d row buckets x %d widths, "
         "prefill %d chunk sizes x %d widths",
         total,
         seconds,
-        pool,
-        len(graphs.rows),
+        pool_mib,
+        len(graphs.sizes),
         len(graphs.widths),
-        len(chunks.rows),
+        len(chunks.sizes),
         len(chunks.widths),
     )
-    return f"cuda-graphs={total} ({seconds:.1f} s, {pool} MiB)"
+    return f"cuda-graphs={total} ({seconds:.1f} s, {pool_mib} MiB)"
 
 
 def _out_of_memory(exc: BaseException | None) -> bool:

@@ -259,7 +259,7 @@ class HFStepRunner:
         elif self._staged_length != chunk.start:
             raise RuntimeError("a staged prompt's chunks came out of order")
         tokens = chunk.prepared.prompt_ids[chunk.start : chunk.end]
-        most = graphs.rows[-1]
+        most = graphs.sizes[-1]
         logits = None
         for offset in range(0, len(tokens), most):
             piece = tokens[offset : offset + most]
