@@ -17,10 +17,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     DynamicCache,
-    MistralConfig,
-    MistralForCausalLM,
 )
 
 from llm_stream.engine.types import (
@@ -30,12 +27,10 @@ from llm_stream.engine.types import (
     SamplingParams,
     StepPlan,
 )
-from llm_stream.errors import ModelLoadError
 from llm_stream.model.execution import ExecutionOptions, SlotBudget, build_runner, static_runner
-from llm_stream.model.loader import load_backend
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.slots import probe_layers
-from llm_stream.model.sources import parse_model_spec
+from tests.model_families import build_family_model
 
 CPU = torch.device("cpu")
 SHORT = [5, 9, 14]
@@ -168,24 +163,38 @@ def test_a_failed_prefill_leaves_the_batch_intact(model: Any) -> None:
     assert drive.tokens[1] == alone(model, SHORT, 3)
 
 
-def test_models_with_sliding_window_layers_are_refused(
-    tmp_path: Path, tiny_model_dir: Path, cache_dir: Path
+WINDOWED = {1: [(i * 7) % 300 + 3 for i in range(60)], 2: [(i * 5) % 290 + 4 for i in range(23)]}
+WINDOWED[3] = [(i * 11) % 280 + 5 for i in range(41)]
+
+
+@pytest.mark.parametrize("family", ["mistral-window", "gemma3"])
+@pytest.mark.parametrize("fixed", [False, True], ids=["growable", "fixed"])
+def test_sliding_window_rows_compute_what_they_compute_alone(
+    family: str, fixed: bool, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    """Their layers keep only a window: a slot holding the whole history would be wrong."""
-    config = MistralConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        sliding_window=8,
-    )
-    folder = tmp_path / "mistral"
-    MistralForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(folder)
-    with pytest.raises(ModelLoadError, match="sliding-window"):
-        load_backend(parse_model_spec(f"mistral={folder}"), "cpu", "float32", cache_dir)
+    """Windowed layers see only their window (16 here), full layers everything: prompts
+    longer than the window, joining, chunked, leaving, decoding well past it."""
+    folder = build_family_model(family, tiny_model_dir, tmp_path / family)
+    windowed: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    windowed.eval()
+    if fixed:
+        layers = probe_layers(windowed, CPU)
+        runner = static_runner(windowed, CPU, 0, layers, rows=4, budget=SlotBudget(255, "test"))
+    else:
+        runner = new_runner(windowed)
+    drive = Driver(runner)
+    drive.run(chunk(1, WINDOWED[1]), decode=False)
+    for _ in range(3):
+        drive.run()
+    drive.run(chunk(2, WINDOWED[2]), chunk(3, WINDOWED[3], 0, 20))
+    drive.run(chunk(3, WINDOWED[3], 20))
+    for _ in range(5):
+        drive.run()
+    drive.run(remove=(1,))
+    for _ in range(20):
+        drive.run()
+    for key, tokens in drive.tokens.items():
+        assert tokens == alone(windowed, WINDOWED[key], len(tokens)), key
 
 
 def test_decoding_past_the_cpu_slots_length_grows_them(model: Any) -> None:

@@ -23,12 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from llm_stream.errors import ModelLoadError
+from llm_stream.model.attention import AttentionLayout, attention_layout
 from llm_stream.model.cuda_graphs import DecodeGraphs, rows_buckets, width_buckets
 from llm_stream.model.runner import HFStepRunner
-from llm_stream.model.slots import POSITION_ALIGN, LayerShape, SlotBatch, probe_layers, round_up
+from llm_stream.model.slots import (
+    POSITION_ALIGN,
+    LayerShape,
+    SlotBatch,
+    full_history_cache,
+    probe_layers,
+    round_up,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +116,7 @@ def configure_attention(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def kv_bytes_per_token(layers: list[LayerShape]) -> int:
-    return sum(2 * s.heads * s.dim * torch.tensor([], dtype=s.dtype).element_size() for s in layers)
+    return sum(s.bytes_per_token for s in layers)
 
 
 @torch.inference_mode()
@@ -121,7 +128,7 @@ def _activation_peaks(
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     ids = torch.zeros((1, prefill_tokens), dtype=torch.long, device=device)
-    model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, cache=full_history_cache(), use_cache=True, logits_to_keep=1)
     prefill = torch.cuda.max_memory_allocated(device) - base
     torch.cuda.reset_peak_memory_stats(device)
     model(input_ids=torch.zeros((rows, 1), dtype=torch.long, device=device), use_cache=False)
@@ -186,20 +193,25 @@ def build_runner(
     """The model's runner, its graphs captured; and what the ready line says of it."""
     dtype = next(model.parameters()).dtype
     attention = configure_attention(device, dtype)
+    layout = attention_layout(model.config)
+    layers_text = f"layers={layout.describe()}"
     if device.type != "cuda":
         # No forward here (see probe_layers): the slots take their shapes from the first prefill.
         budget = PaddedBudget(options.max_batch_tokens or CPU_DEFAULT_BATCH_TOKENS)
-        batch = SlotBatch(None, 8, 256, device, growable=True, dtype=dtype)
+        batch = SlotBatch(None, 8, 256, device, growable=True, dtype=dtype, layout=layout)
         runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
-        return runner, f"attention={attention}, kv=grows to {budget.max_batch_tokens} tokens"
+        kv = f"kv=grows to {budget.max_batch_tokens} tokens"
+        return runner, f"attention={attention}, {layers_text}, {kv}"
     layers = probe_layers(model, device)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     want_graphs = options.cuda_graphs == "auto"
     slots = plan_gpu_slots(
         model, device, layers, options, context_length=context, graphs=want_graphs
     )
-    runner = static_runner(model, device, pad_id, layers, rows=options.max_rows, budget=slots)
-    kv = f"kv={options.max_rows}x{slots.positions}"
+    runner = static_runner(
+        model, device, pad_id, layers, rows=options.max_rows, budget=slots, layout=layout
+    )
+    kv = f"{layers_text}, kv={options.max_rows}x{slots.positions}"
     if not want_graphs:
         return runner, f"attention={attention}, {kv}, cuda-graphs=off"
     assert runner.graphs is not None
@@ -215,11 +227,18 @@ def static_runner(
     *,
     rows: int,
     budget: SlotBudget,
+    layout: AttentionLayout | None = None,
 ) -> HFStepRunner:
     """A runner over fixed buffers whose decode steps and prompt chunks run by bucket
     (rows or chunk tokens, and attention width), uncaptured until capture_graphs."""
     batch = SlotBatch(
-        layers, rows, budget.positions, device, growable=False, staging=CHUNK_BUCKETS[-1]
+        layers,
+        rows,
+        budget.positions,
+        device,
+        growable=False,
+        staging=CHUNK_BUCKETS[-1],
+        layout=layout or attention_layout(model.config),
     )
     runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
     widths = width_buckets(batch.capacity_positions + 1)

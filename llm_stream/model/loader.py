@@ -25,8 +25,12 @@ from llm_stream.model.backend import HFBackend, eos_token_ids, pad_token_id
 from llm_stream.model.device import resolve_device, resolve_dtype
 from llm_stream.model.execution import ExecutionOptions, build_runner
 from llm_stream.model.random_weights import random_model
-from llm_stream.model.slots import unsupported_cache_layers
 from llm_stream.model.sources import ModelSpec, embedded_gguf_path
+from llm_stream.model.support import (
+    attention_implementation,
+    check_servable,
+    remote_code_refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +128,10 @@ def load_weights(
         raise ModelLoadError(
             f"cannot load model {spec.model_id!r} from {spec.location}: {exc}"
         ) from exc
-    unsupported = unsupported_cache_layers(model)
-    if unsupported:
-        raise ModelLoadError(
-            f"model {spec.model_id!r} needs {', '.join(unsupported)} cache layers (sliding-window "
-            "or other special attention), which llm-stream's continuous batch does not support "
-            "yet; serve a model with full attention on every layer"
-        )
+    try:
+        check_servable(model.config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot serve model {spec.model_id!r}: {exc}") from None
     model.to(device)
     model.eval()
     log.info(
@@ -139,18 +140,42 @@ def load_weights(
     return model, tokenizer, version, device
 
 
+def _servable_config(location: str, **kwargs: Any) -> Any:
+    """The model's config, refused before its weights load if it cannot be served."""
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except ValueError as exc:
+        refusal = remote_code_refusal(location, exc)
+        if refusal is not None:
+            raise refusal from None
+        raise
+    try:
+        check_servable(config)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"cannot serve model {location}: {exc}") from None
+    return config
+
+
 def _from_folder(folder: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    config = _servable_config(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, dtype=dtype, attn_implementation=attention_implementation(config)
+    )
     return model, tokenizer
 
 
 def _from_hub(spec: ModelSpec, dtype: torch.dtype, cache_dir: Path) -> tuple[Any, Any, str]:
     hub_cache = str(cache_dir / "hub")
     kwargs: dict[str, Any] = {"revision": spec.revision, "cache_dir": hub_cache}
+    config = _servable_config(spec.location, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(spec.location, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
-        spec.location, dtype=dtype, attn_implementation="sdpa", **kwargs
+        spec.location,
+        config=config,
+        dtype=dtype,
+        attn_implementation=attention_implementation(config),
+        **kwargs,
     )
     commit = getattr(model.config, "_commit_hash", None) or spec.revision or "unknown-revision"
     return model, tokenizer, f"{spec.location}@{commit}"

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llm_stream.errors import ModelLoadError
+from llm_stream.model.support import attention_implementation
 
 # Overrides of the base (SmolLM2-135M's) config: Llama-3.2-1B's and Llama-3-8B's shapes,
 # on the tokenizer's vocabulary.
@@ -94,7 +95,9 @@ def random_model(
     config = _config(shape, tokenizer_dir, tokenizer)
     torch.manual_seed(_SEED)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attention_implementation(config)
+        )
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, _INIT_STD)

@@ -3,8 +3,11 @@
 Row ``r`` keeps its tokens' keys and values at positions ``[0, length_r)`` of
 its slot, in per-layer buffers of ``[rows, heads, positions, dim]``. A decode
 step feeds one token per row; each row writes its token at its own position and
-attends to its own ``[0, length]`` through an additive mask (``bias``), so a row
-computes what it would alone, whatever else is in the batch. Every input of a
+attends to its own ``[0, length]`` through an additive mask, so a row computes
+what it would alone, whatever else is in the batch. Every layer keeps the whole
+history; a sliding-window layer gets a mask of its own that opens only the last
+``window`` positions (:mod:`llm_stream.model.attention`), so the slot layout is
+the same for every attention kind. Every input of a
 step (token ids, positions, mask, cache) is a slice of a buffer that never
 moves: the same step can be captured once as a CUDA graph and replayed.
 
@@ -24,6 +27,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from llm_stream.model.attention import AttentionLayout
 from llm_stream.model.transfer import Transfer
 
 # Buffers' position counts are kept a multiple of this (aligned mask rows for the
@@ -39,9 +43,18 @@ def round_up(value: int, multiple: int) -> int:
 
 @dataclass(frozen=True)
 class LayerShape:
+    """One layer's cached keys and values: KV heads, their widths (which differ in
+    multi-head latent attention), dtype."""
+
     heads: int
-    dim: int
+    key_dim: int
+    value_dim: int
     dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return self.heads * (self.key_dim + self.value_dim) * size
 
 
 def probe_layers(model: Any, device: torch.device) -> list[LayerShape]:
@@ -52,31 +65,29 @@ def probe_layers(model: Any, device: torch.device) -> list[LayerShape]:
     by about a third (measured on 2 cores); there the shapes come from the
     first prefill instead (:meth:`SlotBatch.join`).
     """
-    cache = DynamicCache(config=model.config)
+    cache = full_history_cache()
     with torch.inference_mode():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache)
     return cache_shapes(cache)
+
+
+def full_history_cache() -> DynamicCache:
+    """A transformers cache whose every layer keeps all its tokens, sliding-window ones
+    too: prompts are prefilled into it and copied into slots. The model still masks
+    windowed layers by their window (from its config), whatever the cache keeps."""
+    return DynamicCache()
 
 
 def cache_shapes(cache: DynamicCache) -> list[LayerShape]:
     shapes = []
     for layer in cache.layers:
         assert isinstance(layer, DynamicLayer) and layer.keys is not None
-        keys = layer.keys
-        shapes.append(LayerShape(int(keys.shape[1]), int(keys.shape[-1]), keys.dtype))
+        assert layer.values is not None
+        keys, values = layer.keys, layer.values
+        shapes.append(
+            LayerShape(int(keys.shape[1]), int(keys.shape[-1]), int(values.shape[-1]), keys.dtype)
+        )
     return shapes
-
-
-def unsupported_cache_layers(model: Any) -> list[str]:
-    """The kinds of cache layer ``model`` needs that the slot batch cannot hold.
-
-    Sliding-window layers keep only their window and count positions their own
-    way; a slot holding a whole history would let them see past the window.
-    """
-    cache = DynamicCache(config=model.config)
-    return sorted(
-        {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
-    )
 
 
 @dataclass(frozen=True)
@@ -133,17 +144,18 @@ class SlotLayer(DynamicLayer):
             return self.keys, self.values
         assert key_states.shape[-2] == 1, "one token per row"
         rows, width = view.rows, view.width
-        index = view.positions.view(rows, 1, 1, 1).expand(
-            rows, key_states.shape[1], 1, key_states.shape[-1]
-        )
-        self.slab_keys[:rows].scatter_(2, index, key_states)
-        self.slab_values[:rows].scatter_(2, index, value_states)
+        index = view.positions.view(rows, 1, 1, 1)
+        self.slab_keys[:rows].scatter_(2, index.expand(key_states.shape), key_states)
+        self.slab_values[:rows].scatter_(2, index.expand(value_states.shape), value_states)
         self.keys = self.slab_keys[:rows, :, :width]
         self.values = self.slab_values[:rows, :, :width]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self._view.width
+
+
+MaskArgument = torch.Tensor | dict[str, torch.Tensor]
 
 
 class SlotBatch:
@@ -159,16 +171,21 @@ class SlotBatch:
         growable: bool,
         dtype: torch.dtype | None = None,
         staging: int = 0,
+        layout: AttentionLayout | None = None,
     ) -> None:
         """``layers`` None: the slabs take their shapes from the first rows to join.
 
         ``staging``: a static batch gets one more slot, beyond every decode row, where
         prompts are fed in chunks of up to this many tokens by fixed-shape forwards
         (:meth:`chunk_inputs`) before they join (:meth:`join_staged`); 0: none.
+        ``layout``: the model's attention kinds (None: full attention on every layer);
+        each distinct window gets its own mask.
         """
         self.device = device
         self.growable = growable
         self.staging = staging
+        self.layout = layout
+        self.windows: tuple[int | None, ...] = layout.distinct_windows if layout else (None,)
         self.shapes = list(layers or [])
         self.transfer = Transfer(device)
         self.view = DecodeView()
@@ -176,20 +193,27 @@ class SlotBatch:
         # the step's shape is chosen without asking the device).
         self.keys: list[int] = []
         self.lengths: list[int] = []
-        mask_dtype = self.shapes[0].dtype if self.shapes else (dtype or torch.float32)
-        self.closed = torch.finfo(mask_dtype).min
+        self.mask_dtype = self.shapes[0].dtype if self.shapes else (dtype or torch.float32)
+        self.closed = torch.finfo(self.mask_dtype).min
         self.slabs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.ids = torch.zeros(0, dtype=torch.long, device=device)
         self.pos = torch.zeros(0, dtype=torch.long, device=device)
-        self.bias = torch.zeros((0, 1, 1, 0), dtype=mask_dtype, device=device)
+        # Per row, one additive mask [rows, 1, 1, positions] per window.
+        self.masks = {
+            window: torch.zeros((0, 1, 1, 0), dtype=self.mask_dtype, device=device)
+            for window in self.windows
+        }
         self.cache = Cache(layers=[])
         self._allocate(rows, round_up(positions + 1, POSITION_ALIGN))
-        width = int(self.bias.shape[-1])
+        width = self.width
         # A staged chunk's inputs, one upload: its token ids, then its start and the
-        # index of its last real token; and the positions and mask made from them.
+        # index of its last real token; and the positions and masks made from them.
         self.chunk_io = torch.zeros(staging + 2, dtype=torch.long, device=device)
         self.chunk_pos = torch.zeros(staging, dtype=torch.long, device=device)
-        self.chunk_bias = torch.zeros((1, 1, staging, width), dtype=mask_dtype, device=device)
+        self.chunk_masks = {
+            window: torch.zeros((1, 1, staging, width), dtype=self.mask_dtype, device=device)
+            for window in self.windows
+        }
         self._columns = torch.arange(width, device=device)
         self._offsets = torch.arange(staging, device=device)
 
@@ -200,9 +224,14 @@ class SlotBatch:
         return int(self.ids.shape[0])
 
     @property
+    def width(self) -> int:
+        """Positions a slot's buffers have."""
+        return int(self.masks[self.windows[0]].shape[-1])
+
+    @property
     def capacity_positions(self) -> int:
         """Tokens one slot holds (one position stays free for the token being fed)."""
-        return int(self.bias.shape[-1]) - 1
+        return self.width - 1
 
     @property
     def rows(self) -> int:
@@ -218,25 +247,28 @@ class SlotBatch:
         rest of its own slot (:meth:`join`); zeroing whole slabs at every growth cost
         a sixth of a 64-stream run on 2 cores.
         """
-        old_slabs, old_ids, old_pos, old_bias = self.slabs, self.ids, self.pos, self.bias
+        old_slabs, old_ids, old_pos, old_masks = self.slabs, self.ids, self.pos, self.masks
         fresh = torch.empty if self.growable else torch.zeros
         slots = rows + (1 if self.staging else 0)  # the staging slot is the last
         self.slabs = [
             (
-                fresh((slots, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
-                fresh((slots, s.heads, width, s.dim), dtype=s.dtype, device=self.device),
+                fresh((slots, s.heads, width, s.key_dim), dtype=s.dtype, device=self.device),
+                fresh((slots, s.heads, width, s.value_dim), dtype=s.dtype, device=self.device),
             )
             for s in self.shapes
         ]
         self.view.staging_row = rows
         self.ids = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.bias = torch.full(
-            (rows, 1, 1, width), self.closed, dtype=self.bias.dtype, device=self.device
-        )
-        # A free row attends to its position 0 only: padded rows of a step stay finite.
-        self.bias[:, :, :, 0] = 0
-        n, kept = self.rows, min(width, int(old_bias.shape[-1]))
+        self.masks = {}
+        for window in self.windows:
+            mask = torch.full(
+                (rows, 1, 1, width), self.closed, dtype=self.mask_dtype, device=self.device
+            )
+            # A free row attends to its position 0 only: padded rows of a step stay finite.
+            mask[:, :, :, 0] = 0
+            self.masks[window] = mask
+        n, kept = self.rows, min(width, int(old_masks[self.windows[0]].shape[-1]))
         if n:
             for (keys, values), (old_keys, old_values) in zip(self.slabs, old_slabs, strict=True):
                 for slab, old in ((keys, old_keys), (values, old_values)):
@@ -244,7 +276,8 @@ class SlotBatch:
                     slab[:n, :, kept:].zero_()
             self.ids[:n] = old_ids[:n]
             self.pos[:n] = old_pos[:n]
-            self.bias[:n, :, :, :kept] = old_bias[:n, :, :, :kept]
+            for window, mask in self.masks.items():
+                mask[:n, :, :, :kept] = old_masks[window][:n, :, :, :kept]
         self.cache = Cache(
             layers=[SlotLayer(self.view, keys, values) for keys, values in self.slabs]
         )
@@ -255,7 +288,7 @@ class SlotBatch:
         A growable batch grows; a static one raises (its budget never lets this happen).
         """
         width = tokens + 1
-        if rows <= self.capacity_rows and width <= int(self.bias.shape[-1]):
+        if rows <= self.capacity_rows and width <= self.width:
             return
         if not self.growable:
             raise RuntimeError(
@@ -265,10 +298,29 @@ class SlotBatch:
         new_rows = self.capacity_rows
         if rows > new_rows:
             new_rows = max(rows, 2 * new_rows)
-        new_width = int(self.bias.shape[-1])
+        new_width = self.width
         if width > new_width:
             new_width = round_up(width + max(_HEADROOM, width // 2), POSITION_ALIGN)
         self._allocate(new_rows, new_width)
+
+    # -- masks ---------------------------------------------------------------------
+
+    def _opened(
+        self, columns: torch.Tensor, last: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """The additive mask of queries at positions ``last`` (a column) over ``columns``:
+        every position up to the query's own, or only the last ``window`` of them."""
+        opened = columns <= last
+        if window is not None:
+            opened &= columns > last - window
+        return torch.where(opened, 0.0, self.closed).to(self.mask_dtype)
+
+    def _mask_argument(self, masks: dict[int | None, torch.Tensor]) -> MaskArgument:
+        """What the model takes as ``attention_mask``: one mask when every layer is of one
+        kind, else one per layer kind, keyed as the config's ``layer_types`` name them."""
+        if self.layout is None or len(self.layout.windows) == 1:
+            return masks[self.windows[0]]
+        return {kind: masks[window] for kind, window in self.layout.windows.items()}
 
     # -- a decode step ------------------------------------------------------------
 
@@ -281,20 +333,31 @@ class SlotBatch:
     def decode_inputs(self, rows: int, width: int) -> dict[str, Any]:
         """The model's keyword arguments for a decode step over ``rows`` x ``width``."""
         self.bind(rows, width)
+        masks = {window: mask[:rows, :, :, :width] for window, mask in self.masks.items()}
         return {
             "input_ids": self.ids[:rows].view(rows, 1),
             "position_ids": self.pos[:rows].view(rows, 1),
-            "attention_mask": self.bias[:rows, :, :, :width],
+            "attention_mask": self._mask_argument(masks),
             "cache": self.cache,
             "use_cache": True,
         }
 
     def advance(self, tokens: torch.Tensor) -> None:
-        """After a decode step: the live rows feed ``tokens`` next, one position on."""
+        """After a decode step: the live rows feed ``tokens`` next, one position on.
+
+        Each row's new position opens; a windowed mask also closes the position that
+        falls out of its window (none while the row is shorter than the window).
+        """
         n = self.rows
         self.ids[:n].copy_(tokens)
         self.pos[:n].add_(1)
-        self.bias[:n].scatter_(3, self.pos[:n].view(n, 1, 1, 1), 0.0)
+        positions = self.pos[:n].view(n, 1, 1, 1)
+        for window, mask in self.masks.items():
+            mask[:n].scatter_(3, positions, 0.0)
+            if window is not None:
+                leaving = positions - window
+                value = torch.where(leaving >= 0, self.closed, 0.0).to(self.mask_dtype)
+                mask[:n].scatter_(3, leaving.clamp(min=0), value)
         self.lengths = [length + 1 for length in self.lengths]
 
     # -- prompts fed in the staging slot -------------------------------------------------
@@ -308,22 +371,25 @@ class SlotBatch:
         """The model's keyword arguments for a staged chunk of ``tokens`` (padded) tokens
         attending over positions ``[0, width)``: what a prefill graph captures.
 
-        Positions and the causal mask are made on the device from the uploaded start,
+        Positions and the causal masks are made on the device from the uploaded start,
         so a replay needs nothing from the host but :meth:`stage`'s one copy.
         """
         positions = self.chunk_pos[:tokens]
         # Padding past the slot's end goes to its last position, which no prompt reaches
         # (a prompt leaves room for at least one generated token).
-        last = int(self.bias.shape[-1]) - 1
+        last = self.width - 1
         positions.copy_((self.chunk_io[-2] + self._offsets[:tokens]).clamp(max=last))
-        opened = self._columns[:width].unsqueeze(0) <= positions.unsqueeze(1)
-        self.chunk_bias[0, 0, :tokens, :width].copy_(torch.where(opened, 0.0, self.closed))
+        columns = self._columns[:width].unsqueeze(0)
+        masks = {}
+        for window, mask in self.chunk_masks.items():
+            mask[0, 0, :tokens, :width].copy_(self._opened(columns, positions.unsqueeze(1), window))
+            masks[window] = mask[:, :, :tokens, :width]
         view = self.view
         view.staged, view.width, view.positions = True, width, positions
         return {
             "input_ids": self.chunk_io[:tokens].view(1, tokens),
             "position_ids": positions.view(1, tokens),
-            "attention_mask": self.chunk_bias[:, :, :tokens, :width],
+            "attention_mask": self._mask_argument(masks),
             "cache": self.cache,
             "use_cache": True,
             "logits_to_keep": self.chunk_io[-1:],
@@ -348,9 +414,9 @@ class SlotBatch:
         """Rows whose caches are in place start decoding: positions, masks, first tokens."""
         length_tensor = self.transfer.to_device(list(lengths), torch.long)
         self.pos[slots] = length_tensor
-        columns = torch.arange(self.bias.shape[-1], device=self.device).unsqueeze(0)
-        opened = torch.where(columns <= length_tensor.unsqueeze(1), 0.0, self.closed)
-        self.bias[slots, 0, 0, :] = opened.to(self.bias.dtype)
+        columns = torch.arange(self.width, device=self.device).unsqueeze(0)
+        for window, mask in self.masks.items():
+            mask[slots, 0, 0, :] = self._opened(columns, length_tensor.unsqueeze(1), window)
         self.ids[slots] = first_tokens
         self.keys.extend(keys)
         self.lengths.extend(lengths)
@@ -373,7 +439,7 @@ class SlotBatch:
         first, count = self.rows, len(keys)
         if not self.shapes:  # the first rows ever: now the layers' shapes are known
             self.shapes = cache_shapes(prefill)
-            self._allocate(self.capacity_rows, int(self.bias.shape[-1]))
+            self._allocate(self.capacity_rows, self.width)
         self.ensure(first + count, max(lengths))
         slots = slice(first, first + count)
         padded = max(lengths)
@@ -424,7 +490,7 @@ class SlotBatch:
             for keys_slab, values_slab in self.slabs:
                 moves.apply(keys_slab[:, :, :width])
                 moves.apply(values_slab[:, :, :width])
-            for tensor in (self.ids, self.pos, self.bias):
+            for tensor in (self.ids, self.pos, *self.masks.values()):
                 moves.apply(tensor)
             for target, source in moves.pairs:
                 self.keys[target] = self.keys[source]
@@ -438,8 +504,9 @@ class SlotBatch:
         """Free slots: position 0, attending to that position only."""
         self.pos[slots] = 0
         self.ids[slots] = 0
-        self.bias[slots] = self.closed
-        self.bias[slots, :, :, 0] = 0
+        for mask in self.masks.values():
+            mask[slots] = self.closed
+            mask[slots, :, :, 0] = 0
 
     def reset(self) -> None:
         self.keys, self.lengths = [], []
@@ -465,7 +532,7 @@ def forward_prompts(
         mask[row, width - len(prompt) :] = 1
     ids, mask = to_device(ids, device), to_device(mask, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = full_history_cache()
     out = model(
         input_ids=ids,
         attention_mask=mask,
