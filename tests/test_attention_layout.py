@@ -69,7 +69,7 @@ def test_an_encoder_decoder_is_refused_as_such() -> None:
 
 
 def test_a_model_with_no_causal_lm_is_refused() -> None:
-    with pytest.raises(ModelLoadError, match="no causal language model.*'vit'"):
+    with pytest.raises(ModelLoadError, match=r"no causal language model.*'vit'"):
         check_servable(AutoConfig.for_model("vit"))
 
 
