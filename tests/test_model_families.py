@@ -1,0 +1,124 @@
+"""The family matrix: every family the README lists serves, token for token.
+
+One server holds a tiny random model of each family (tests/model_families.py),
+with prompts longer than the 16-token sliding window and a prefill chunk of 32
+tokens, so every prompt here is fed in chunks. For each family: greedy tokens
+equal transformers' own ``generate`` of the same model, alone and inside a busy
+batch with rows joining and leaving; a seeded sample is the same alone and in a
+batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm_stream.proto.inference.v1 import inference_pb2 as pb
+from tests.conftest import (
+    RunningServer,
+    collect_stream,
+    prompt_request,
+    running_server,
+    tiny_settings,
+)
+from tests.model_families import FAMILIES, build_family_model
+from tests.tiny_model import CORPUS
+
+NEW_TOKENS = 24
+# Different lengths, every one past the window and the 32-token prefill chunk.
+PROMPTS = [" ".join(CORPUS[:3]), " ".join(CORPUS[1:4]), " ".join(CORPUS[2:6]) * 2]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_family_model(name, tiny_model_dir, root / name) for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+async def families_server(
+    family_dirs: dict[str, Path], cache_dir: Path
+) -> AsyncIterator[RunningServer]:
+    settings = tiny_settings(
+        family_dirs["llama"],
+        cache_dir,
+        models=tuple(f"{name}={folder}" for name, folder in family_dirs.items()),
+        max_concurrent=8,
+        prefill_chunk=32,
+        default_max_tokens=NEW_TOKENS,
+    )
+    async with running_server(settings) as running:
+        yield running
+
+
+@torch.inference_mode()
+def generate_alone(folder: Path, prompts: list[str]) -> list[list[int]]:
+    """transformers' own greedy generate of the model, each prompt alone, with its own cache."""
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    results = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        results.append([int(t) for t in out[0, ids.shape[1] :]])
+    return results
+
+
+def request(family: str, prompt: str, **config: Any) -> pb.PredictRequest:
+    config.setdefault("max_tokens", NEW_TOKENS)
+    message = prompt_request(prompt, apply_chat_template=False, **config)
+    message.model_id = family
+    return message
+
+
+async def token_ids(running: RunningServer, message: pb.PredictRequest) -> list[int]:
+    tokens = await collect_stream(running.stub, message)
+    assert tokens[-1].is_final
+    return [t.token_id for t in tokens if not t.is_final]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_greedy_tokens_equal_generate_alone_and_in_a_busy_batch(
+    family: str, families_server: RunningServer, family_dirs: dict[str, Path]
+) -> None:
+    expected = generate_alone(family_dirs[family], PROMPTS)
+    alone = await token_ids(families_server, request(family, PROMPTS[0]))
+    assert alone == expected[0], f"{family} ({FAMILIES[family][0]}) alone"
+
+    async def later(delay: float, index: int, **config: Any) -> list[int]:
+        await asyncio.sleep(delay)
+        return await token_ids(families_server, request(family, PROMPTS[index], **config))
+
+    # Rows join while others decode, and a short one leaves early.
+    busy = await asyncio.gather(
+        later(0, 2),
+        later(0.005, 1),
+        later(0.01, 0, max_tokens=5),
+        later(0.02, 0),
+        later(0.03, 1, max_tokens=3),
+    )
+    assert busy[0] == expected[2], f"{family}: the longest prompt in a batch"
+    assert busy[1] == expected[1], f"{family}: joined a decoding batch"
+    assert busy[2] == expected[0][:5], f"{family}: left early"
+    assert busy[3] == expected[0], f"{family}: joined as another row left"
+    assert busy[4] == expected[1][:3], f"{family}: left early"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(
+    family: str, families_server: RunningServer
+) -> None:
+    sampled = {"temperature": 0.9, "top_p": 0.95, "seed": 11}
+    alone = await token_ids(families_server, request(family, PROMPTS[1], **sampled))
+    batch = await asyncio.gather(
+        token_ids(families_server, request(family, PROMPTS[2])),
+        token_ids(families_server, request(family, PROMPTS[1], **sampled)),
+        token_ids(families_server, request(family, PROMPTS[0], temperature=0.7, seed=3)),
+    )
+    assert batch[1] == alone
