@@ -250,14 +250,17 @@ class LLMStreamServer:
             self.engine.state = EngineState.READY
             await self.health.mark_serving()
             default = self.engine.backend_for("")
+            defaults = default.sampling_defaults
             log.info(
-                "ready: serving on %s:%d model=%s version=%s device=%s %s (models: %s)",
+                "ready: serving on %s:%d model=%s version=%s device=%s %s, sampling defaults: "
+                "%s (models: %s)",
                 self.settings.host,
                 self.port,
                 default.model_id,
                 default.version,
                 default.device,
                 default.execution,
+                " ".join(f"{k}={v:g}" for k, v in defaults.items()) or "none",
                 ", ".join(self.engine.backends),
             )
             if self._http is not None:

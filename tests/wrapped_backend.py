@@ -45,6 +45,7 @@ class WrappedBackend:
         self._wrap = wrap
         self.model_id, self.version, self.device = inner.model_id, inner.version, inner.device
         self.execution = inner.execution
+        self.sampling_defaults = inner.sampling_defaults
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return self._inner.prepare(request)

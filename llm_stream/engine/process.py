@@ -23,7 +23,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -70,6 +70,7 @@ class ProcessInfo:
     version: str
     device: str
     execution: str
+    sampling_defaults: Mapping[str, float]
 
 
 # -- the server's side ----------------------------------------------------------------
@@ -112,6 +113,7 @@ class EngineProcess:
         self.info = info
         self.model_id, self.version = info.model_id, info.version
         self.device, self.execution = info.device, info.execution
+        self.sampling_defaults = info.sampling_defaults
         self._conn = conn
 
     def start_core(self, publish: Publish, on_lost: Callable[[str], None]) -> RemoteCore:
@@ -310,7 +312,13 @@ class ChildCore:
         self._send_lock = threading.Lock()
         self._core = LocalCore(backend, limits, self._publish)
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="llm-stream-admit")
-        info = ProcessInfo(backend.model_id, backend.version, backend.device, backend.execution)
+        info = ProcessInfo(
+            backend.model_id,
+            backend.version,
+            backend.device,
+            backend.execution,
+            dict(backend.sampling_defaults),
+        )
         self._send(("ready", info))
 
     def _send(self, message: tuple[Any, ...]) -> None:

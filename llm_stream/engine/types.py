@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,29 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    # Sampling fields the request left unset (names of the fields above), which the
+    # model's own defaults fill when it is prepared (:func:`with_model_defaults`).
+    unset: frozenset[str] = frozenset()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def with_model_defaults(sampling: SamplingParams, defaults: Mapping[str, float]) -> SamplingParams:
+    """``sampling`` with the fields it left unset taken from ``defaults`` (a model's
+    generation config), the rest as sent."""
+    filled: dict[str, Any] = {
+        name: defaults[name]
+        for name in SAMPLING_DEFAULT_FIELDS
+        if name in sampling.unset and name in defaults
+    }
+    if "top_k" in filled:
+        filled["top_k"] = int(filled["top_k"])
+    return replace(sampling, unset=frozenset(), **filled) if filled or sampling.unset else sampling
 
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -232,6 +251,11 @@ class ModelInfo(Protocol):
     @property
     def execution(self) -> str:
         """How the model executes (attention, KV cache, CUDA graphs, engine process)."""
+        ...
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, float]:
+        """The model's own sampling defaults that fill a request's unset fields."""
         ...
 
 

@@ -440,7 +440,9 @@ class OpenAIApi:
             return self._error(exc, request_id)
         default = self._engine.default_model_id
         ids = sorted(self._engine.backends, key=lambda model_id: model_id != default)
-        body = {"object": "list", "data": [model_card(i, self._created) for i in ids]}
+        backends = self._engine.backends
+        cards = [model_card(i, self._created, backends[i].sampling_defaults) for i in ids]
+        body = {"object": "list", "data": cards}
         return JSONResponse(body, headers=self._headers(request_id))
 
     async def model(self, request: Request) -> Response:
@@ -455,7 +457,8 @@ class OpenAIApi:
         except Exception as exc:
             return self._error(exc, request_id)
         return JSONResponse(
-            model_card(backend.model_id, self._created), headers=self._headers(request_id)
+            model_card(backend.model_id, self._created, backend.sampling_defaults),
+            headers=self._headers(request_id),
         )
 
     async def health(self, request: Request) -> Response:

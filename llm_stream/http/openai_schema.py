@@ -197,8 +197,12 @@ def _config(body: Mapping[str, Any], config: pb.InferenceConfig, max_tokens_cap:
             )
         config.max_tokens = max_tokens
     temperature = _number(body, "temperature")
-    # OpenAI's default is 1 (sampling); 0 is greedy.
-    config.temperature = 1.0 if temperature is None else temperature
+    # Left out: the model's default temperature (OpenAI's is 1, which the model's
+    # falls back to); 0 is greedy.
+    if temperature is None:
+        config.use_model_temperature = True
+    else:
+        config.temperature = temperature
     top_p = _number(body, "top_p")
     if top_p is not None:
         if not 0 < top_p <= 1:  # the contract reads 0 as "unset", OpenAI as "greedy"
@@ -447,8 +451,16 @@ class Chunks:
         return chunks
 
 
-def model_card(model_id: str, created: int) -> JsonObject:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
+def model_card(model_id: str, created: int, sampling_defaults: Mapping[str, float]) -> JsonObject:
+    """OpenAI's model object, and the model's own sampling defaults: what a request
+    that leaves temperature, top_p, top_k or repetition_penalty out gets."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": OWNER,
+        "sampling_defaults": dict(sampling_defaults),
+    }
 
 
 def encode_json(value: object) -> bytes:

@@ -7,12 +7,20 @@ each sequence's text assembler; and hands the scheduler a step runner.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from llm_stream.engine.types import ChatTurn, GenerationRequest, PreparedRequest
+from llm_stream.engine.types import (
+    SAMPLING_DEFAULT_FIELDS,
+    ChatTurn,
+    GenerationRequest,
+    PreparedRequest,
+    with_model_defaults,
+)
 from llm_stream.errors import InvalidRequestError
 from llm_stream.model.chat import plain_conversation, templated_conversation
 from llm_stream.model.runner import HFStepRunner
@@ -42,6 +50,7 @@ class HFBackend:
         self._runner = runner
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._eos_ids = eos_token_ids(model, tokenizer)
+        self.sampling_defaults = sampling_defaults(model)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     # -- preparation -------------------------------------------------------
@@ -65,6 +74,9 @@ class HFBackend:
                 f"model {self.model_id!r}'s context of {self.context_length} tokens; "
                 f"ask for at most {room} tokens or shorten {what}"
             )
+        if sampling.unset:
+            sampling = with_model_defaults(sampling, self.sampling_defaults)
+            request = dataclasses.replace(request, sampling=sampling)
         return PreparedRequest(
             request, tuple(ids), min(sampling.max_tokens, room), stop_token_ids=self._eos_ids
         )
@@ -104,8 +116,31 @@ class HFBackend:
         return self._runner
 
 
+def sampling_defaults(model: Any) -> Mapping[str, float]:
+    """The sampling settings the model's generation_config.json recommends (those it
+    names), which fill a request's unset ones: Llama 3's temperature 0.6 and top_p 0.9,
+    Qwen's top_k 20 and repetition_penalty 1.05, Gemma 3's top_k 64..."""
+    config = getattr(model, "generation_config", None)
+    valid = {
+        "temperature": lambda v: v >= 0,
+        "top_p": lambda v: 0 < v <= 1,
+        "top_k": lambda v: v >= 0 and float(v).is_integer(),
+        "repetition_penalty": lambda v: v > 0,
+    }
+    found: dict[str, float] = {}
+    for name in SAMPLING_DEFAULT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and valid[name](value):
+            found[name] = int(value) if name == "top_k" else float(value)
+        elif value is not None:
+            log.warning("ignoring the model's generation_config %s=%r: out of range", name, value)
+    return found
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """Every id that ends generation: the generation config's and the tokenizer's."""
+    """Every id that ends generation: the generation config's (Llama 3's ``<|eot_id|>``,
+    Gemma's ``<end_of_turn>``, gpt-oss's ``<|return|>`` where the model names them there)
+    and the tokenizer's."""
     eos = model.generation_config.eos_token_id
     ids = {eos} if isinstance(eos, int) else set(eos or ())
     if tokenizer.eos_token_id is not None:

@@ -143,7 +143,8 @@ def load_weights(
 def _servable_config(location: str, **kwargs: Any) -> Any:
     """The model's config, refused before its weights load if it cannot be served."""
     try:
-        config = AutoConfig.from_pretrained(location, **kwargs)
+        # Never code from the model's repository, and never a prompt asking about it.
+        config = AutoConfig.from_pretrained(location, trust_remote_code=False, **kwargs)
     except ValueError as exc:
         refusal = remote_code_refusal(location, exc)
         if refusal is not None:

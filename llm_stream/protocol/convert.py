@@ -1,7 +1,9 @@
 """protobuf messages <-> engine types, with the request checks that need no model.
 
 Proto3 scalars cannot say "unset", so 0 means "use the default" for max_tokens,
-top_p and repetition_penalty, and temperature 0 means greedy.
+top_p, top_k and repetition_penalty (the model's generation_config.json default,
+filled when the model prepares the request), and temperature 0 means greedy
+unless ``use_model_temperature`` asks for the model's temperature.
 """
 
 from __future__ import annotations
@@ -167,15 +169,27 @@ def _sampling(config: pb.InferenceConfig, limits: RequestLimits) -> SamplingPara
             raise InvalidRequestError(
                 f"each config.stop sequence must be 1 to {MAX_STOP_LENGTH} characters long"
             )
+    model_temperature = config.use_model_temperature and temperature == 0
+    unset = {
+        name
+        for name, left_out in (
+            ("temperature", model_temperature),
+            ("top_p", top_p == 0),
+            ("top_k", config.top_k == 0),
+            ("repetition_penalty", penalty == 0),
+        )
+        if left_out
+    }
     return SamplingParams(
         max_tokens=config.max_tokens or limits.default_max_tokens,
         max_tokens_explicit=config.max_tokens > 0,
-        temperature=temperature,
+        temperature=1.0 if model_temperature else temperature,
         top_p=top_p or 1.0,
         top_k=config.top_k,
         seed=config.seed if config.HasField("seed") else None,
         repetition_penalty=penalty or 1.0,
         stop=stops,
+        unset=frozenset(unset),
     )
 
 

@@ -353,21 +353,33 @@ class InferenceConfig(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    USE_MODEL_TEMPERATURE_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 selects greedy decoding; negative is invalid."""
     max_tokens: _builtins.int
     """0 selects the server's default; above the server's cap is invalid."""
     top_p: _builtins.float
-    """Nucleus sampling mass in (0, 1]; 0 means unset (1.0)."""
+    """Nucleus sampling mass in (0, 1]; 0 means unset: the model's default (its
+    generation_config.json), else 1.0.
+    """
     top_k: _builtins.int
-    """Added: sample from the k most likely tokens; 0 disables."""
+    """Added: sample from the k most likely tokens; 0 means unset: the model's
+    default (its generation_config.json), else none.
+    """
     seed: _builtins.int
     """Added: seed of the sampler; the same seed gives the same output."""
     repetition_penalty: _builtins.float
-    """Added: > 1 discourages repetition; 0 means unset (1.0)."""
+    """Added: > 1 discourages repetition; 0 means unset: the model's default
+    (its generation_config.json), else 1.0.
+    """
     apply_chat_template: _builtins.bool
     """Added: wrap the prompt as a user message in the model's chat template.
     Unset: yes when the tokenizer has a chat template.
+    """
+    use_model_temperature: _builtins.bool
+    """Added: with temperature 0, sample at the model's default temperature (its
+    generation_config.json; 1.0 where it names none) instead of decoding
+    greedily. What the OpenAI API does when a request leaves temperature out.
     """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -386,10 +398,11 @@ class InferenceConfig(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         repetition_penalty: _builtins.float = ...,
         apply_chat_template: _builtins.bool | None = ...,
+        use_model_temperature: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "use_model_temperature", b"use_model_temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_chat_template: _TypeAlias = _typing.Literal["apply_chat_template"]  # noqa: Y015
     _WhichOneofArgType__apply_chat_template: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template"]  # noqa: Y015

@@ -298,14 +298,16 @@ export declare type InferenceConfig = Message<"inference.v1.InferenceConfig"> & 
   maxTokens: number;
 
   /**
-   * Nucleus sampling mass in (0, 1]; 0 means unset (1.0).
+   * Nucleus sampling mass in (0, 1]; 0 means unset: the model's default (its
+   * generation_config.json), else 1.0.
    *
    * @generated from field: float top_p = 3;
    */
   topP: number;
 
   /**
-   * Added: sample from the k most likely tokens; 0 disables.
+   * Added: sample from the k most likely tokens; 0 means unset: the model's
+   * default (its generation_config.json), else none.
    *
    * @generated from field: int32 top_k = 4;
    */
@@ -327,7 +329,8 @@ export declare type InferenceConfig = Message<"inference.v1.InferenceConfig"> & 
   stop: string[];
 
   /**
-   * Added: > 1 discourages repetition; 0 means unset (1.0).
+   * Added: > 1 discourages repetition; 0 means unset: the model's default
+   * (its generation_config.json), else 1.0.
    *
    * @generated from field: float repetition_penalty = 7;
    */
@@ -340,6 +343,15 @@ export declare type InferenceConfig = Message<"inference.v1.InferenceConfig"> & 
    * @generated from field: optional bool apply_chat_template = 8;
    */
   applyChatTemplate?: boolean | undefined;
+
+  /**
+   * Added: with temperature 0, sample at the model's default temperature (its
+   * generation_config.json; 1.0 where it names none) instead of decoding
+   * greedily. What the OpenAI API does when a request leaves temperature out.
+   *
+   * @generated from field: bool use_model_temperature = 9;
+   */
+  useModelTemperature: boolean;
 };
 
 /**
