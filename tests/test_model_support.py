@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from llm_stream import serve
+from llm_stream.client import InferenceClient
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from tests.conftest import (
     collect_stream,
@@ -137,11 +138,19 @@ async def test_the_models_sampling_defaults_fill_what_a_request_leaves_unset(
                 PROMPT, apply_chat_template=False, max_tokens=3, seed=5, temperature=0.7, top_k=400
             )
             texts = [(await stub.Predict(m)).text for m in (unset, explicit, plain)]
+            async with InferenceClient(running.target) as client:
+                from_client = await client.predict(
+                    PROMPT,
+                    apply_chat_template=False,
+                    max_tokens=3,
+                    seed=5,
+                    use_model_temperature=True,
+                )
     ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready")]
     assert (
         "sampling defaults: temperature=0.7 top_p=0.8 top_k=20 repetition_penalty=1.1" in ready[0]
     )
-    assert texts[0] == texts[1] == completion["choices"][0]["text"]
+    assert texts[0] == texts[1] == completion["choices"][0]["text"] == from_client.text
     assert texts[2] != texts[1], "the defaults changed nothing: a weak test"
 
 

@@ -109,7 +109,11 @@ def make_request(
     stop: Iterable[str] = (),
     repetition_penalty: float = 0.0,
     apply_chat_template: bool | None = None,
+    use_model_temperature: bool = False,
 ) -> pb.PredictRequest:
+    """A request; sampling fields left at 0 take the model's defaults (see the README),
+    and ``use_model_temperature`` samples at the model's temperature when ``temperature``
+    is 0."""
     config = pb.InferenceConfig(
         temperature=temperature,
         max_tokens=max_tokens,
@@ -117,6 +121,7 @@ def make_request(
         top_k=top_k,
         stop=list(stop),
         repetition_penalty=repetition_penalty,
+        use_model_temperature=use_model_temperature,
     )
     if seed is not None:
         config.seed = seed

@@ -40,12 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="", help="model_id; empty is the server default")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument(
+        "--model-temperature",
+        action="store_true",
+        help="sample at the model's default temperature (its generation_config.json)",
+    )
     parser.add_argument("--max-tokens", type=int, default=0, help="0 is the server default")
-    parser.add_argument("--top-p", type=float, default=0.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.0, help="0 is the model's default")
+    parser.add_argument("--top-k", type=int, default=0, help="0 is the model's default")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    parser.add_argument("--repetition-penalty", type=float, default=0.0)
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=0.0, help="0 is the model's default"
+    )
     parser.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the chat template"
     )
@@ -103,6 +110,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop,
         "repetition_penalty": args.repetition_penalty,
         "apply_chat_template": False if args.raw else None,
+        "use_model_temperature": args.model_temperature and args.temperature == 0,
     }
 
 
