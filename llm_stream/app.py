@@ -67,6 +67,8 @@ def load_configured_models(settings: Settings) -> list[ModelBackend | CoreStarte
         cuda_graphs=settings.cuda_graphs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         max_prefill_tokens=batch_limits(settings).max_prefill_tokens,
+        prefix_cache=settings.prefix_cache,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
     )
     models: list[ModelBackend | CoreStarter]
     if uses_engine_process(settings):

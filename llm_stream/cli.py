@@ -119,6 +119,20 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
         "share of the GPU's memory for the weights, activations and KV cache (CUDA)",
     ),
     (
+        "--prefix-cache",
+        _parse_bool,
+        "on: a prompt starting with tokens whose KV the server still holds (a chat's "
+        "earlier turns, a shared system prompt) prefills only the rest; off: every prompt "
+        "whole",
+    ),
+    (
+        "--prefix-cache-tokens",
+        _auto_or_positive_int,
+        "tokens of KV the prefix cache may keep (auto: a quarter of --max-batch-tokens on "
+        "the CPU, where running sequences take it back as they need it; a fifth of the KV "
+        "memory on CUDA)",
+    ),
+    (
         "--engine-process",
         _choice("auto", "on", "off"),
         "each model's scheduler, runner and detokeniser in a process of their own (on), in "
@@ -246,8 +260,10 @@ def shown_default(flag: str) -> str:
         return str(default // (1024 * 1024))
     if flag == "--cache-dir":
         return "~/.cache/llm-stream"
-    if flag == "--max-batch-tokens":
+    if flag in {"--max-batch-tokens", "--prefix-cache-tokens"}:
         return "auto"
+    if flag == "--prefix-cache":
+        return "on" if default else "off"
     if default is None:
         return "unset"
     return str(default)

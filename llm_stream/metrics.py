@@ -2,7 +2,8 @@
 
 What an autoscaler and an operator need from an LLM server: generations running
 and waiting (scale on these, not CPU), tokens produced, why generations ended,
-time to first token, and rejected requests by status code.
+time to first token, prompt tokens reused from the prefix cache against those
+computed, and rejected requests by status code.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self._prompt_tokens = Counter(
+            "llm_stream_prompt_tokens",
+            "Prompt tokens of generations that got their first token, by model and source: "
+            "'cached' (the prefix cache held their KV: hits), 'computed' (prefilled: misses).",
+            ["model", "source"],
+            registry=self.registry,
+        )
         self._first_token = Histogram(
             "llm_stream_time_to_first_token_seconds",
             "From a request's admission to its first token.",
@@ -108,6 +116,12 @@ class ServerMetrics:
         self._generations.labels(record.model_id, reason).inc()
         self._tokens.labels(record.model_id).inc(record.completion_tokens)
         self._duration.labels(record.model_id).observe(record.duration_s)
+        if record.first_token_s is not None:  # its prompt was fed whole
+            cached = record.cached_prompt_tokens
+            self._prompt_tokens.labels(record.model_id, "cached").inc(cached)
+            self._prompt_tokens.labels(record.model_id, "computed").inc(
+                record.prompt_tokens - cached
+            )
 
     def observe_step(self, timing: StepTiming) -> None:
         self._batch_rows.labels(timing.model_id).observe(timing.batch_rows)

@@ -43,6 +43,12 @@ class Settings:
     # and the share of the GPU's memory the model, its activations and its KV cache use.
     cuda_graphs: str = "auto"
     gpu_memory_utilization: float = 0.9
+    # Prefix caching: the KV of finished sequences kept for prompts that start the same
+    # way (a chat's next turn, a shared system prompt), within the KV budget, and its
+    # size in tokens (None: a quarter of --max-batch-tokens on the CPU, a fifth of the
+    # KV memory on CUDA).
+    prefix_cache: bool = True
+    prefix_cache_tokens: int | None = None
     # Each model's engine core (scheduler, runner, text) in a process of its own ("on"),
     # in the server's process ("off"), or "auto": its own process on CUDA.
     engine_process: str = "auto"

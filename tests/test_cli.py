@@ -43,6 +43,8 @@ SAMPLES: dict[str, tuple[str, str, Any]] = {
     "--prefill-chunk": ("32", "prefill_chunk", 32),
     "--cuda-graphs": ("OFF", "cuda_graphs", "off"),
     "--gpu-memory-utilization": ("0.5", "gpu_memory_utilization", 0.5),
+    "--prefix-cache": ("off", "prefix_cache", False),
+    "--prefix-cache-tokens": ("2048", "prefix_cache_tokens", 2048),
     "--engine-process": ("on", "engine_process", "on"),
     "--drain-grace": ("2.5", "drain_grace_s", 2.5),
     "--max-message-mb": ("7", "max_message_bytes", 7 * MIB),

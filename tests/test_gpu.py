@@ -34,6 +34,7 @@ from llm_stream.model.execution import (
     capture_graphs,
     static_runner,
 )
+from llm_stream.model.prefix_cache import PrefixCache
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.slots import probe_layers
 from llm_stream.model.support import attention_implementation
@@ -260,3 +261,42 @@ def test_out_of_memory_at_capture_is_a_clear_start_up_error(
     monkeypatch.setattr(DecodeGraphs, "capture", starved)
     with pytest.raises(ModelLoadError, match="out of GPU memory capturing"):
         build_runner(model, CUDA, 0, ExecutionOptions(max_rows=4, max_batch_tokens=4 * 1024))
+
+
+def test_a_reused_prefix_on_the_graphs_follows_its_own_decode(model: Any) -> None:
+    """The prefix cache on the GPU layout: a leaving row's KV is kept; the next turn (the
+    prompt, part of the answer, new tokens) copies it into the staging slot and replays
+    the chunk graphs from there; another finds the slot busy and reuses it eagerly."""
+    runner = runner_for(model, captured=True)
+    runner.prefix = PrefixCache(4096, lambda costs: None)
+    first = PROMPTS[12][:120]
+    tokens: dict[int, list[int]] = {}
+
+    def run(step: int, remove: tuple[int, ...], decode: bool, *chunks: PrefillChunk) -> None:
+        runner.launch(StepPlan(step, remove, decode, chunks))
+        result = runner.collect()
+        assert not result.failed, result.failed
+        for key, token in result.tokens:
+            tokens.setdefault(key, []).append(token)
+
+    run(1, (), False, chunk(1, first))
+    for step in range(2, 12):
+        run(step, (), True)
+    run(12, (1,), False)
+    turn = first + tokens[1][:6] + PROMPTS[9]
+    busy = PROMPTS[12]
+    other = first + PROMPTS[10]
+    assert runner.reuse_prefix(2, chunk(2, turn).prepared) == 112  # 126 held: 7 blocks
+    run(13, (), False, chunk(2, turn, 112))  # staged, from the cached prefix
+    run(14, (), True, chunk(3, busy, 0, 100))  # holds the staging slot
+    assert runner.reuse_prefix(4, chunk(4, other).prepared) == 112
+    run(15, (), True, chunk(3, busy, 100), chunk(4, other, 112))  # 4 goes eager
+    for step in range(16, 30):
+        run(step, (), True)
+    for key, prompt in ((2, turn), (3, busy), (4, other)):
+        expected, logits = alone(model, prompt, len(tokens[key]))
+        for index, (a, b) in enumerate(zip(tokens[key], expected, strict=True)):
+            if a != b:
+                top = torch.topk(logits[index], 2).values
+                assert float(top[0] - top[1]) <= NEAR_TIE, (key, index)
+                break

@@ -5,7 +5,8 @@ with prompts longer than the 16-token sliding window and a prefill chunk of 32
 tokens, so every prompt here is fed in chunks. For each family: greedy tokens
 equal transformers' own ``generate`` of the same model, alone and inside a busy
 batch with rows joining and leaving; a seeded sample is the same alone and in a
-batch.
+batch; a prompt that repeats or continues an earlier one (its KV from the prefix
+cache) still equals ``generate``.
 """
 
 from __future__ import annotations
@@ -78,9 +79,17 @@ def request(family: str, prompt: str, **config: Any) -> pb.PredictRequest:
 
 
 async def token_ids(running: RunningServer, message: pb.PredictRequest) -> list[int]:
+    return (await stream_of(running, message))[0]
+
+
+async def stream_of(
+    running: RunningServer, message: pb.PredictRequest
+) -> tuple[list[int], str, int]:
+    """Token ids, text and cached prompt tokens of a streamed generation."""
     tokens = await collect_stream(running.stub, message)
     assert tokens[-1].is_final
-    return [t.token_id for t in tokens if not t.is_final]
+    ids = [t.token_id for t in tokens if not t.is_final]
+    return ids, "".join(t.token for t in tokens), tokens[-1].usage.cached_prompt_tokens
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -122,3 +131,23 @@ async def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(
         token_ids(families_server, request(family, PROMPTS[0], temperature=0.7, seed=3)),
     )
     assert batch[1] == alone
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_prompts_that_repeat_or_continue_another_reuse_its_kv_token_for_token(
+    family: str, families_server: RunningServer, family_dirs: dict[str, Path]
+) -> None:
+    """The prefix cache on every family: the same prompt again, then the next "turn" (the
+    prompt, the answer's text and more), each equal to ``generate`` of the whole prompt;
+    far longer than the window, so windowed layers must see only their window."""
+    base = PROMPTS[2] + f" {family}"
+    first, text, _ = await stream_of(families_server, request(family, base))
+    again, _, cached = await stream_of(families_server, request(family, base))
+    assert again == first
+    assert cached >= 2 * 16, f"{family}: the repeated prompt was not reused"
+    continued = base + text + " " + CORPUS[0]
+    expected = generate_alone(family_dirs[family], [base, continued])
+    assert first == expected[0], f"{family}: the first prompt"
+    follow_up, _, cached = await stream_of(families_server, request(family, continued))
+    assert cached >= 2 * 16, f"{family}: the continued prompt was not reused"
+    assert follow_up == expected[1], f"{family}: the continued prompt"

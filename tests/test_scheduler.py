@@ -61,6 +61,13 @@ class FakeRunner:
     fail_launch: BaseException | None = None
     fail_collect: list[BaseException] = field(default_factory=list)
     pending: collections.deque[StepTokens] = field(default_factory=collections.deque)
+    # Prompt tokens its prefix cache holds for every admitted sequence.
+    cached_prefix: int = 0
+    reused: list[int] = field(default_factory=list)
+
+    def reuse_prefix(self, key: int, prepared: PreparedRequest) -> int:
+        self.reused.append(key)
+        return self.cached_prefix
 
     def launch(self, plan: StepPlan) -> None:
         if self.fail_launch is not None:
@@ -506,3 +513,52 @@ def test_plans_say_how_many_established_streams_decode() -> None:
     sched.step()
     assert [p.established for p in runner.plans[:8]] == [0] * 8  # tokens 1 to 8
     assert runner.plans[-1].established == 3
+
+
+# -- prefix cache ------------------------------------------------------------------
+
+
+def test_a_cached_prefix_starts_the_prefill_after_it() -> None:
+    sched, runner, delivered = scheduler(runner=FakeRunner(cached_prefix=16))
+    a = sequence(prompt_tokens=20, max_tokens=3, name="a")
+    sched.submit(a)
+    sched.step()
+    assert runner.reused == [a.key]
+    assert runner.prefills == [[(a.key, 16, 20)]]
+    assert a.cached_tokens == 16
+    sched.step()
+    sched.step()
+    assert tokens_of(delivered, a) == [7, 7, 7]
+
+
+def test_a_prompt_held_whole_still_computes_its_last_token() -> None:
+    sched, runner, _ = scheduler(runner=FakeRunner(cached_prefix=50))
+    a = sequence(prompt_tokens=20, name="a")
+    sched.submit(a)
+    sched.step()
+    # Its last token's logits give the first token: at least one is fed.
+    assert runner.prefills == [[(a.key, 19, 20)]]
+    assert a.cached_tokens == 19
+
+
+def test_what_is_left_after_a_cached_prefix_is_fed_in_chunks() -> None:
+    sched, runner, _ = scheduler(runner=FakeRunner(cached_prefix=16), prefill_chunk=8)
+    early = sequence(max_tokens=100, name="early")
+    sched.submit(early)
+    sched.step()
+    for _ in range(10):  # early is established: later prompts go a chunk a step
+        sched.step()
+    late = sequence(prompt_tokens=40, max_tokens=3, name="late")
+    sched.submit(late)
+    for _ in range(4):
+        sched.step()
+    fed = [chunk for step in runner.prefills for chunk in step if chunk[0] == late.key]
+    assert fed == [(late.key, 16, 24), (late.key, 24, 32), (late.key, 32, 40)]
+
+
+def test_without_a_prefix_cache_every_prompt_is_fed_from_its_start() -> None:
+    sched, runner, _ = scheduler()
+    a = sequence(prompt_tokens=20, name="a")
+    sched.submit(a)
+    sched.step()
+    assert runner.prefills == [[(a.key, 0, 20)]] and a.cached_tokens == 0

@@ -27,6 +27,9 @@ class RunnerWrapper:
         self.pipeline_depth = inner.pipeline_depth
         self.budget: CacheBudget = inner.budget
 
+    def reuse_prefix(self, key: int, prepared: PreparedRequest) -> int:
+        return self.inner.reuse_prefix(key, prepared)
+
     def launch(self, plan: StepPlan) -> None:
         self.inner.launch(plan)
 

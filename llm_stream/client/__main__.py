@@ -123,9 +123,10 @@ async def _stream_to_stdout(
         if token.is_final:
             sys.stdout.write("\n")
             log.info(
-                "finish=%s prompt_tokens=%d completion_tokens=%d",
+                "finish=%s prompt_tokens=%d (cached %d) completion_tokens=%d",
                 pb.FinishReason.Name(token.finish_reason),
                 token.usage.prompt_tokens,
+                token.usage.cached_prompt_tokens,
                 token.usage.completion_tokens,
             )
         else:
@@ -176,9 +177,11 @@ async def run(args: argparse.Namespace, client: InferenceClient) -> int:
             response = await client.predict(prompt, timeout=args.timeout, **_options(args))
             sys.stdout.write(response.text + "\n")
             log.info(
-                "finish=%s prompt_tokens=%d completion_tokens=%d latency=%.0f ms version=%s",
+                "finish=%s prompt_tokens=%d (cached %d) completion_tokens=%d latency=%.0f ms "
+                "version=%s",
                 pb.FinishReason.Name(response.finish_reason),
                 response.usage.prompt_tokens,
+                response.usage.cached_prompt_tokens,
                 response.usage.completion_tokens,
                 response.latency_ms,
                 response.model_version,

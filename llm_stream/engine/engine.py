@@ -320,6 +320,7 @@ class Engine:
             finish_reason=end.finish_reason,
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
+            cached_prompt_tokens=end.cached_prompt_tokens,
             model_version=stream.model.info.version,
             latency_ms=(time.monotonic() - started) * 1000,
         )

@@ -47,6 +47,9 @@ class FinishedGeneration:
     completion_tokens: int
     duration_s: float
     error: str | None = None
+    prompt_tokens: int = 0
+    # Prompt tokens whose KV came from the prefix cache.
+    cached_prompt_tokens: int = 0
     # Seconds from submission to the first token (None when there was none).
     first_token_s: float | None = None
     # Scheduler steps between the cancel and the freed row (None when not cancelled).
@@ -206,7 +209,12 @@ class OutputStage:
         return events
 
     def _stream_end(self, state: StreamState, reason: FinishReason) -> StreamEnd:
-        return StreamEnd(reason, len(state.prepared.prompt_ids), state.assembler.count)
+        return StreamEnd(
+            reason,
+            len(state.prepared.prompt_ids),
+            state.assembler.count,
+            state.sequence.cached_tokens,
+        )
 
     def _end(
         self,
@@ -230,16 +238,20 @@ class OutputStage:
             completion_tokens=state.assembler.count,
             duration_s=time.monotonic() - state.sequence.submitted_at,
             error=None if error is None else repr(error),
+            prompt_tokens=len(state.prepared.prompt_ids),
+            cached_prompt_tokens=state.sequence.cached_tokens,
             first_token_s=state.first_token_s,
             steps_after_cancel=output.steps_after_cancel,
         )
         step.finished.append(record)
         client = state.prepared.request.client
         log.info(
-            "generation %s ended: reason=%s tokens=%d in %.2f s (%.1f tokens/s, first after %s)"
-            "%s%s",
+            "generation %s ended: reason=%s prompt=%d (cached %d) tokens=%d in %.2f s "
+            "(%.1f tokens/s, first after %s)%s%s",
             record.request_id,
             record.finish_reason.value if record.finish_reason else "error",
+            record.prompt_tokens,
+            record.cached_prompt_tokens,
             record.completion_tokens,
             record.duration_s,
             record.completion_tokens / record.duration_s if record.duration_s > 0 else 0.0,

@@ -6,7 +6,9 @@ thread. Each step it writes a :class:`~llm_stream.engine.types.StepPlan`:
 1. rows whose stream was cancelled, whose text side is done (a stop sequence),
    or whose every token is already planned leave the batch;
 2. waiting sequences are admitted while a row is free and the runner's cache
-   budget (:class:`~llm_stream.engine.types.CacheBudget`) takes them;
+   budget (:class:`~llm_stream.engine.types.CacheBudget`) takes them; the
+   runner says how much of each prompt its prefix cache holds, and that
+   sequence's prefill starts after it;
 3. every decoding row gets one more token;
 4. prompt work is fed within a budget (``prefill_chunk`` tokens while as many
    rows decode as wait, more while more wait, never more than
@@ -329,6 +331,8 @@ class Scheduler:
             self._running.append(candidate)
             self._by_key[candidate.key] = candidate
             costs.append(cost)
+            cached = self._runner.reuse_prefix(candidate.key, candidate.prepared)
+            candidate.cached_tokens = candidate.prefilled = min(cached, candidate.prompt_length - 1)
 
     def _plan_prefill(self, established: int) -> list[PrefillChunk]:
         """Prompt work for this step, within the prefill budget, oldest first.

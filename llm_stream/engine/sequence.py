@@ -36,6 +36,8 @@ class Sequence:
     phase: Phase = Phase.WAITING
     # Prompt tokens planned into the model (fed, or in a step in flight).
     prefilled: int = 0
+    # Of those, the ones whose KV the runner's prefix cache held at admission.
+    cached_tokens: int = 0
     # Tokens planned: received plus those of steps still in flight.
     scheduled: int = 0
     # Tokens received from the runner.

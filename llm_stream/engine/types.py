@@ -96,6 +96,8 @@ class StreamEnd:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens whose KV came from the prefix cache (not computed again).
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class Completion:
     completion_tokens: int
     model_version: str = ""
     latency_ms: float = 0.0
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,6 +225,12 @@ class StepRunner(Protocol):
 
     pipeline_depth: int
     budget: CacheBudget
+
+    def reuse_prefix(self, key: int, prepared: PreparedRequest) -> int:
+        """``key`` is admitted: how many of its first prompt tokens the runner already
+        holds the KV of (its prefix cache), so its prefill starts there. Always fewer
+        than the prompt's length (the last prompt token gives the first token's logits)."""
+        ...
 
     def launch(self, plan: StepPlan) -> None:
         """Start ``plan``; raises when the decode batch itself is lost."""

@@ -360,11 +360,13 @@ class ResponseInfo:
     fingerprint: str
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> JsonObject:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> JsonObject:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens the prefix cache held."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -388,7 +390,11 @@ def chat_completion(info: ResponseInfo, completion: Completion) -> JsonObject:
     return {
         **_head(info, "chat.completion"),
         "choices": [choice],
-        "usage": usage(completion.prompt_tokens, completion.completion_tokens),
+        "usage": usage(
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            completion.cached_prompt_tokens,
+        ),
     }
 
 
@@ -402,7 +408,11 @@ def text_completion(info: ResponseInfo, completion: Completion) -> JsonObject:
     return {
         **_head(info, "text_completion"),
         "choices": [choice],
-        "usage": usage(completion.prompt_tokens, completion.completion_tokens),
+        "usage": usage(
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            completion.cached_prompt_tokens,
+        ),
     }
 
 
@@ -446,7 +456,12 @@ class Chunks:
         chunks = [self._chunk([self._choice(None, FINISH_REASONS[end.finish_reason])])]
         if self._include_usage:
             chunks.append(
-                {**self._chunk([]), "usage": usage(end.prompt_tokens, end.completion_tokens)}
+                {
+                    **self._chunk([]),
+                    "usage": usage(
+                        end.prompt_tokens, end.completion_tokens, end.cached_prompt_tokens
+                    ),
+                }
             )
         return chunks
 

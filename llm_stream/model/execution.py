@@ -13,12 +13,16 @@ Decided once, at load, before health turns SERVING:
   graphs (``--gpu-memory-utilization``), so that nothing is allocated per step.
 - **CUDA graphs** (``--cuda-graphs auto``): the decode forward captured per
   (rows, width) bucket, replayed every step.
+- **Prefix cache** (``--prefix-cache on``): on the CPU it shares the batch's token
+  budget, and running sequences take back what they need (cached entries are
+  evicted); on a GPU, whose slots are fixed, it gets memory of its own, carved
+  from the KV memory before the slots are sized.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,8 @@ import torch
 from llm_stream.errors import ModelLoadError
 from llm_stream.model.attention import AttentionLayout, attention_layout
 from llm_stream.model.cuda_graphs import DecodeGraphs, rows_buckets, width_buckets
+from llm_stream.model.prefix_cache import PrefixCache
+from llm_stream.model.prefix_index import BLOCK_TOKENS
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.slots import (
     POSITION_ALIGN,
@@ -44,6 +50,10 @@ _MIB = 1024 * 1024
 _MIN_ROW_TOKENS = 256
 # Head-room on the measured activation peaks (allocator rounding, fragmentation).
 _ACTIVATION_MARGIN = 1.25
+# The prefix cache's default size: this fraction of the GPU's KV memory, of the CPU
+# batch's token budget.
+_PREFIX_SHARE = 5
+_PREFIX_SHARE_CPU = 4
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,10 @@ class ExecutionOptions:
     cuda_graphs: str = "auto"
     gpu_memory_utilization: float = 0.9
     max_prefill_tokens: int = 8192
+    # Prefix caching, and the tokens it may keep (None: a quarter of the batch budget on
+    # the CPU, a fifth of the KV memory on CUDA).
+    prefix_cache: bool = True
+    prefix_cache_tokens: int | None = None
 
 
 CPU_DEFAULT_BATCH_TOKENS = 65536
@@ -137,6 +151,24 @@ def _activation_peaks(
     return prefill, decode
 
 
+@dataclass(frozen=True)
+class GpuKVPlan:
+    """The GPU's KV memory: a fixed slot per row, and the prefix cache's tokens."""
+
+    slots: SlotBudget
+    prefix_tokens: int
+
+
+def cpu_prefix_room(max_batch_tokens: int) -> Callable[[Sequence[int]], int]:
+    """What the CPU batch's budget leaves for cached prefixes beside running sequences of
+    these token costs (the batch is padded: rows x the largest)"""
+
+    def room(costs: Sequence[int]) -> int:
+        return max(0, max_batch_tokens - len(costs) * max(costs, default=0))
+
+    return room
+
+
 def plan_gpu_slots(
     model: Any,
     device: torch.device,
@@ -145,8 +177,9 @@ def plan_gpu_slots(
     *,
     context_length: int,
     graphs: bool,
-) -> SlotBudget:
-    """Tokens per row slot: what the memory left after weights, activations and graphs holds."""
+) -> GpuKVPlan:
+    """Tokens per row slot: what the memory left after weights, activations, graphs and
+    the prefix cache holds."""
     prefill_tokens = min(options.max_prefill_tokens, context_length)
     prefill_peak, decode_peak = _activation_peaks(model, device, options.max_rows, prefill_tokens)
     # The graphs' shared pool holds about one decode forward's activations.
@@ -157,7 +190,14 @@ def plan_gpu_slots(
     kept_free = int((1 - options.gpu_memory_utilization) * total)
     available = free - kept_free - reserve
     per_token = kv_bytes_per_token(layers)
-    positions = available // max(1, options.max_rows * per_token)
+    prefix_bytes = 0
+    if options.prefix_cache:
+        prefix_bytes = (
+            options.prefix_cache_tokens * per_token
+            if options.prefix_cache_tokens is not None
+            else max(0, available) // _PREFIX_SHARE
+        )
+    positions = (available - prefix_bytes) // max(1, options.max_rows * per_token)
     hint = (
         f"a row's KV slot; --gpu-memory-utilization {options.gpu_memory_utilization} and "
         f"--max-concurrent {options.max_rows} set it"
@@ -172,19 +212,28 @@ def plan_gpu_slots(
             f"not enough GPU memory for {options.max_rows} rows of KV cache: "
             f"{free / 2**30:.1f} GiB free after the weights, {kept_free / 2**30:.1f} GiB kept free "
             f"by --gpu-memory-utilization {options.gpu_memory_utilization}, "
-            f"{reserve / 2**30:.1f} GiB for activations and graphs, {per_token} bytes a token; "
-            "lower --max-concurrent or raise --gpu-memory-utilization"
+            f"{reserve / 2**30:.1f} GiB for activations and graphs, {per_token} bytes a token"
+            + (f", {prefix_bytes / 2**30:.1f} GiB for the prefix cache" if prefix_bytes else "")
+            + "; lower --max-concurrent or raise --gpu-memory-utilization"
+            + (" or lower --prefix-cache-tokens" if prefix_bytes else "")
         )
+    slots_bytes = options.max_rows * (positions + 1) * per_token
+    prefix_tokens = 0
+    if options.prefix_cache:
+        # Whatever the slots leave (a slot is capped at the context length) goes to it too.
+        prefix_tokens = options.prefix_cache_tokens or max(0, available - slots_bytes) // per_token
     log.info(
-        "KV cache: %d rows x %d tokens, %.2f GiB (%d bytes a token); %.2f GiB kept for "
-        "activations and graphs",
+        "KV cache: %d rows x %d tokens, %.2f GiB (%d bytes a token); prefix cache %d tokens, "
+        "%.2f GiB; %.2f GiB kept for activations and graphs",
         options.max_rows,
         positions,
-        options.max_rows * (positions + 1) * per_token / 2**30,
+        slots_bytes / 2**30,
         per_token,
+        prefix_tokens,
+        prefix_tokens * per_token / 2**30,
         reserve / 2**30,
     )
-    return SlotBudget(positions, hint)
+    return GpuKVPlan(SlotBudget(positions, hint), prefix_tokens)
 
 
 def build_runner(
@@ -201,22 +250,35 @@ def build_runner(
         batch = SlotBatch(None, 8, 256, device, growable=True, dtype=dtype, layout=layout)
         runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
         kv = f"kv=grows to {budget.max_batch_tokens} tokens"
-        return runner, f"attention={attention}, {layers_text}, {kv}"
+        if options.prefix_cache:
+            tokens = options.prefix_cache_tokens or budget.max_batch_tokens // _PREFIX_SHARE_CPU
+            runner.prefix = PrefixCache(tokens, cpu_prefix_room(budget.max_batch_tokens))
+        prefix = describe_prefix_cache(runner.prefix)
+        return runner, f"attention={attention}, {layers_text}, {kv}, {prefix}"
     layers = probe_layers(model, device)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     want_graphs = options.cuda_graphs == "auto"
-    slots = plan_gpu_slots(
+    plan = plan_gpu_slots(
         model, device, layers, options, context_length=context, graphs=want_graphs
     )
+    slots = plan.slots
     runner = static_runner(
         model, device, pad_id, layers, rows=options.max_rows, budget=slots, layout=layout
     )
-    kv = f"{layers_text}, kv={options.max_rows}x{slots.positions}"
+    if options.prefix_cache and plan.prefix_tokens >= BLOCK_TOKENS:
+        runner.prefix = PrefixCache(plan.prefix_tokens, lambda costs: None)
+    prefix = describe_prefix_cache(runner.prefix)
+    kv = f"{layers_text}, kv={options.max_rows}x{slots.positions}, {prefix}"
     if not want_graphs:
         return runner, f"attention={attention}, {kv}, cuda-graphs=off"
     assert runner.graphs is not None
     graphs_text = capture_graphs(runner, device, options)
     return runner, f"attention={attention}, {kv}, {graphs_text}"
+
+
+def describe_prefix_cache(cache: PrefixCache | None) -> str:
+    """What the ready line says of the prefix cache."""
+    return "prefix-cache=off" if cache is None else f"prefix-cache={cache.capacity} tokens"
 
 
 def static_runner(

@@ -27,10 +27,12 @@ from llm_stream.engine.types import (
     BatchLostError,
     CacheBudget,
     PrefillChunk,
+    PreparedRequest,
     StepPlan,
     StepTokens,
 )
 from llm_stream.model.cuda_graphs import DecodeGraphs
+from llm_stream.model.prefix_cache import PrefixCache, Reuse, copy_into_slot, seeded_cache
 from llm_stream.model.sampling import BatchSampler
 from llm_stream.model.slots import (
     PartialPrompt,
@@ -105,12 +107,32 @@ class HFStepRunner:
         self.chunk_graphs: DecodeGraphs | None = None
         self._staged: int | None = None
         self._staged_length = 0
+        # Prefix caching (None: off). Per admitted sequence: its token cost; its reused
+        # prefix until its prefill starts; once in the batch, its tokens (prompt and
+        # sampled), whose KV is stored when its row leaves.
+        self.prefix: PrefixCache | None = None
+        self._costs: dict[int, int] = {}
+        self._reuse: dict[int, Reuse] = {}
+        self._history: dict[int, list[int]] = {}
 
     @property
     def rows(self) -> int:
         return self._batch.rows
 
     # -- the seam ----------------------------------------------------------------
+
+    def reuse_prefix(self, key: int, prepared: PreparedRequest) -> int:
+        """Admission of ``key``: how many of its prompt tokens come from the prefix cache
+        (its prefill starts there), after evicting what its admission needs."""
+        if self.prefix is None:
+            return 0
+        self._costs[key] = prepared.token_cost
+        self.prefix.fit(list(self._costs.values()))
+        reuse = self.prefix.lookup(prepared.prompt_ids)
+        if reuse is None:
+            return 0
+        self._reuse[key] = reuse
+        return reuse.tokens
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> None:
@@ -121,6 +143,9 @@ class HFStepRunner:
             launched.keys.extend(self._batch.keys)
             parts.append(self._decode())
         prefilled = self._prefill(plan.prefill, launched.failed, established=plan.established)
+        for key, _ in launched.failed:  # the scheduler ends them: nothing of theirs stays
+            self._costs.pop(key, None)
+            self._reuse.pop(key, None)
         for keys, first in prefilled:
             launched.keys.extend(keys)
             parts.append(first)
@@ -141,6 +166,11 @@ class HFStepRunner:
         if launched.done is not None:
             launched.done.synchronize()
         values = [] if launched.tokens is None else launched.tokens.tolist()
+        if self.prefix is not None:
+            for key, token in zip(launched.keys, values, strict=True):
+                history = self._history.get(key)
+                if history is not None:
+                    history.append(token)
         return StepTokens(
             launched.step,
             tuple(zip(launched.keys, values, strict=True)),
@@ -152,6 +182,11 @@ class HFStepRunner:
         self._in_flight.clear()
         self._partial.clear()
         self._staged = None
+        self._costs.clear()
+        self._reuse.clear()
+        self._history.clear()
+        if self.prefix is not None:
+            self.prefix.clear()
         self._batch.reset()
         self._sampler.clear(slice(0, self._sampler.rows))
 
@@ -162,13 +197,32 @@ class HFStepRunner:
             return
         for key in keys:
             self._partial.pop(key, None)
+            self._reuse.pop(key, None)
+            self._costs.pop(key, None)
         if self._staged in keys:
             self._staged = None
+        if self.prefix is not None:
+            self._store_leaving(keys)
         before = self._batch.rows
         moves = self._batch.remove(list(keys))
         if moves is not None:
             self._sampler.move(moves)
         self._sampler.clear(slice(self._batch.rows, before))
+
+    def _store_leaving(self, keys: Collection[int]) -> None:
+        """Copy the KV of rows about to leave into the prefix cache."""
+        assert self.prefix is not None
+        batch = self._batch
+        slots = {key: slot for slot, key in enumerate(batch.keys)}
+        costs = list(self._costs.values())
+        for key in keys:
+            history = self._history.pop(key, None)
+            slot = slots.get(key)
+            if history is None or slot is None:
+                continue
+            # Positions with KV: the prompt and every sampled token fed back so far.
+            length = min(batch.lengths[slot], len(history))
+            self.prefix.store_slot(history[:length], batch.slabs, slot, costs)
 
     # -- decoding ------------------------------------------------------------------------
 
@@ -237,7 +291,8 @@ class HFStepRunner:
         joined: list[tuple[list[int], torch.Tensor]] = []
         eager = []
         for chunk in chunks:
-            if not (self._staged == chunk.key or (chunk.start == 0 and self._staged is None)):
+            starts = chunk.start == 0 or chunk.key in self._reuse
+            if not (self._staged == chunk.key or (starts and self._staged is None)):
                 eager.append(chunk)
                 continue
             try:
@@ -254,9 +309,13 @@ class HFStepRunner:
     def _feed_staged(self, chunk: PrefillChunk) -> torch.Tensor:
         graphs = self.chunk_graphs
         assert graphs is not None
-        if chunk.start == 0:
+        if self._staged != chunk.key:  # a prompt's first chunk takes the slot
+            reuse = self._reuse.pop(chunk.key, None)
             self._staged, self._staged_length = chunk.key, 0
-        elif self._staged_length != chunk.start:
+            if reuse is not None:
+                copy_into_slot(reuse, self._batch.slabs, self._batch.view.staging_row)
+                self._staged_length = reuse.tokens
+        if self._staged_length != chunk.start:
             raise RuntimeError("a staged prompt's chunks came out of order")
         tokens = chunk.prepared.prompt_ids[chunk.start : chunk.end]
         most = graphs.sizes[-1]
@@ -311,7 +370,7 @@ class HFStepRunner:
                     self._partial[chunk.key] = partial
                 else:
                     if chunk.key not in self._partial:
-                        raise RuntimeError("an earlier chunk of this prompt failed")
+                        self._partial[chunk.key] = self._reused_prompt(chunk)
                     partial = self._partial[chunk.key]
                     logits = extend_prompt(self._model, partial, part, self._device)
             except Exception as exc:
@@ -322,6 +381,13 @@ class HFStepRunner:
                 del self._partial[chunk.key]
                 joined.append(self._join_cache([chunk], partial.cache, [partial.length], logits))
         return joined
+
+    def _reused_prompt(self, chunk: PrefillChunk) -> PartialPrompt:
+        """The one-row cache of a prompt whose prefix comes from the prefix cache."""
+        reuse = self._reuse.pop(chunk.key, None)
+        if reuse is None or reuse.tokens != chunk.start:
+            raise RuntimeError("an earlier chunk of this prompt failed")
+        return PartialPrompt(seeded_cache(reuse), reuse.tokens)
 
     def _join_cache(
         self,
@@ -364,6 +430,9 @@ class HFStepRunner:
             sampler.record(tokens, slots)
             keys = [c.key for c in chunks]
             place(keys, tokens)
+            if self.prefix is not None:
+                for chunk in chunks:
+                    self._history[chunk.key] = list(chunk.prepared.prompt_ids)
         except Exception as exc:  # some buffers may hold the new rows and others not
             self.reset()
             raise BatchLostError("adding prefilled rows to the batch failed") from exc

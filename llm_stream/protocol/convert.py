@@ -193,8 +193,12 @@ def _sampling(config: pb.InferenceConfig, limits: RequestLimits) -> SamplingPara
     )
 
 
-def usage_pb(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
-    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+def usage_pb(prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached_prompt_tokens=cached_prompt_tokens,
+    )
 
 
 def token_to_pb(event: TokenEvent) -> pb.PredictToken:
@@ -206,7 +210,7 @@ def stream_end_to_pb(end: StreamEnd) -> pb.PredictToken:
         is_final=True,
         token_index=end.completion_tokens,
         finish_reason=FINISH_REASON_TO_PB[end.finish_reason],
-        usage=usage_pb(end.prompt_tokens, end.completion_tokens),
+        usage=usage_pb(end.prompt_tokens, end.completion_tokens, end.cached_prompt_tokens),
     )
 
 
@@ -221,7 +225,11 @@ def completion_to_pb(request_id: str, completion: Completion) -> pb.PredictRespo
         model_version=completion.model_version,
         text=completion.text,
         finish_reason=FINISH_REASON_TO_PB[completion.finish_reason],
-        usage=usage_pb(completion.prompt_tokens, completion.completion_tokens),
+        usage=usage_pb(
+            completion.prompt_tokens,
+            completion.completion_tokens,
+            completion.cached_prompt_tokens,
+        ),
     )
 
 

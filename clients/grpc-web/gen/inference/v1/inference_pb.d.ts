@@ -271,6 +271,14 @@ export declare type Usage = Message<"inference.v1.Usage"> & {
    * @generated from field: int32 completion_tokens = 2;
    */
   completionTokens: number;
+
+  /**
+   * Added: of prompt_tokens, how many the prefix cache held (their KV was
+   * reused, not computed again); 0 with --prefix-cache off.
+   *
+   * @generated from field: int32 cached_prompt_tokens = 3;
+   */
+  cachedPromptTokens: number;
 };
 
 /**
