@@ -129,8 +129,8 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], str]] = [
         "--prefix-cache-tokens",
         _auto_or_positive_int,
         "tokens of KV the prefix cache may keep (auto: a quarter of --max-batch-tokens on "
-        "the CPU, where running sequences take it back as they need it; a fifth of the KV "
-        "memory on CUDA)",
+        "the CPU, where running sequences take it back as they need it; on CUDA a fifth of "
+        "the KV memory, or a quarter of --max-batch-tokens when that is set)",
     ),
     (
         "--engine-process",

@@ -46,7 +46,7 @@ class Settings:
     # Prefix caching: the KV of finished sequences kept for prompts that start the same
     # way (a chat's next turn, a shared system prompt), within the KV budget, and its
     # size in tokens (None: a quarter of --max-batch-tokens on the CPU, a fifth of the
-    # KV memory on CUDA).
+    # KV memory on CUDA, or a quarter of max_batch_tokens when that is set).
     prefix_cache: bool = True
     prefix_cache_tokens: int | None = None
     # Each model's engine core (scheduler, runner, text) in a process of its own ("on"),

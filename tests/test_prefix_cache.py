@@ -224,6 +224,59 @@ def test_a_reused_prefix_leaves_the_cached_entry_intact(model: Any) -> None:
     assert chat.drive.tokens[3] == alone(model, b, 7)
 
 
+@pytest.mark.parametrize("layout", ["growable", "fixed"])
+def test_a_prompt_reuses_a_running_rows_prefix_from_its_slot(model: Any, layout: str) -> None:
+    """Nothing has left yet: the newcomer's shared system prompt (and more) is copied
+    from the slot of the row still decoding, which goes on unharmed."""
+    chat = Conversation(runner_for(model, layout))
+    system = prompt_of(13, 40)
+    first = system + prompt_of(14, 12)
+    chat.admit(1, first)
+    chat.decode(4)
+    assert chat.runner.prefix is not None and chat.runner.prefix.index.used == 0
+    follow_up = system + prompt_of(15, 9)
+    chat.admit(2, follow_up)
+    assert chat.reused[2] == 32  # the 40 shared tokens, in whole blocks
+    # The first row's own tokens so far (prompt and answer) for a third, more of them.
+    held = first + chat.drive.tokens[1][:3]
+    chat.admit(3, held + prompt_of(16, 5))
+    assert chat.reused[3] == 48  # 55 held in its slot: 3 blocks
+    chat.decode(6)
+    assert chat.drive.tokens[1] == alone(model, first, len(chat.drive.tokens[1]))
+    for key, prompt in ((2, follow_up), (3, held + prompt_of(16, 5))):
+        assert chat.drive.tokens[key] == alone(model, prompt, len(chat.drive.tokens[key])), key
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral-window", "gemma3"])
+def test_rests_of_prompts_behind_one_cached_prefix_are_fed_together(
+    family: str, tmp_path: Path, tiny_model_dir: Path, model: Any
+) -> None:
+    """A burst of chats behind one cached system prompt: their rests, of different
+    lengths, go through one right-padded forward and compute what each does alone."""
+    if family != "llama":
+        model = load(build_family_model(family, tiny_model_dir, tmp_path / family))
+    runner = runner_for(model, "growable")
+    chat = Conversation(runner)
+    system = prompt_of(17, 40)
+    chat.admit(1, [*system, 5])
+    chat.decode(1)
+    chat.leave(1)
+    chat.admit(9, prompt_of(30, 20))  # a row decoding meanwhile
+    prompts = {key: system + prompt_of(20 + key, 3 + 4 * key) for key in range(2, 7)}
+    rests = []
+    for key, prompt in prompts.items():
+        first = chunk(key, prompt)
+        assert runner.reuse_prefix(key, first.prepared) == 32
+        rests.append(chunk(key, prompt, 32))
+    groups = runner._reused_groups(rests)
+    assert sum(len(g) for g in groups) >= 4  # lengths 11 to 27 after the prefix
+    chat.drive.run(*rests)
+    chat.decode(6)
+    for key, prompt in {9: prompt_of(30, 20), **prompts}.items():
+        tokens = chat.drive.tokens[key]
+        assert tokens == alone(model, prompt, len(tokens)), key
+
+
 # -- memory ------------------------------------------------------------------------
 
 

@@ -68,7 +68,7 @@ class ExecutionOptions:
     gpu_memory_utilization: float = 0.9
     max_prefill_tokens: int = 8192
     # Prefix caching, and the tokens it may keep (None: a quarter of the batch budget on
-    # the CPU, a fifth of the KV memory on CUDA).
+    # the CPU; on CUDA a fifth of the KV memory, or a quarter of max_batch_tokens).
     prefix_cache: bool = True
     prefix_cache_tokens: int | None = None
 
@@ -220,8 +220,14 @@ def plan_gpu_slots(
     slots_bytes = options.max_rows * (positions + 1) * per_token
     prefix_tokens = 0
     if options.prefix_cache:
-        # Whatever the slots leave (a slot is capped at the context length) goes to it too.
-        prefix_tokens = options.prefix_cache_tokens or max(0, available - slots_bytes) // per_token
+        if options.prefix_cache_tokens is not None:
+            prefix_tokens = options.prefix_cache_tokens
+        elif options.max_batch_tokens is not None:
+            # A capped KV budget caps the cache too, as on the CPU.
+            prefix_tokens = options.max_batch_tokens // _PREFIX_SHARE_CPU
+        else:
+            # Its share, and whatever the slots leave (a slot is capped at the context).
+            prefix_tokens = max(0, available - slots_bytes) // per_token
     log.info(
         "KV cache: %d rows x %d tokens, %.2f GiB (%d bytes a token); prefix cache %d tokens, "
         "%.2f GiB; %.2f GiB kept for activations and graphs",

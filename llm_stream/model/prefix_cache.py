@@ -1,9 +1,10 @@
 """Prefix caching: the KV of sequences that left the batch, kept for prompts that
-start the same way.
+start the same way, and that of rows still running.
 
 A chat sends its whole conversation every turn; so the KV of turn N's prompt and
 answer, copied out of its slot when the row leaves, lets turn N+1 prefill only
-its new tokens. A long system prompt shared by many users is reused the same way.
+its new tokens. A long system prompt shared by many users is reused the same way,
+from a kept entry or straight from the slot of a row that is still running.
 Which entry a prompt reuses, and what is evicted, is decided by
 :class:`~llm_stream.model.prefix_index.PrefixIndex`.
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from llm_stream.model.prefix_index import BLOCK_TOKENS, Match, PrefixIndex
+from llm_stream.model.prefix_index import BLOCK_TOKENS, Match, PrefixIndex, common_prefix
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,9 @@ class PrefixCache:
         match: Match[CachedKV] | None = self.index.lookup(prompt)
         if match is None:
             return None
-        tokens = min(match.tokens, len(prompt) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+        tokens = reusable(match.tokens, len(prompt))
         if not tokens:
             return None
-        self.stats.reused_tokens += tokens
         return Reuse(match.entry.payload, tokens)
 
     def store_slot(
@@ -120,11 +120,51 @@ class PrefixCache:
         self.index.clear()
 
 
-def seeded_cache(reuse: Reuse) -> DynamicCache:
-    """A one-row prefill cache holding the reused prefix: what a chunked prefill's cache
-    holds after its first ``reuse.tokens`` tokens."""
-    n = reuse.tokens
-    layers = [(keys[None, :, :n], values[None, :, :n]) for keys, values in reuse.kv.layers]
+def reusable(shared: int, prompt_length: int) -> int:
+    """Of ``shared`` tokens held for a prompt of ``prompt_length``, those it reuses: whole
+    blocks, and never its last token."""
+    return min(shared, prompt_length - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+
+
+def running_reuse(
+    prompt: Sequence[int],
+    rows: Sequence[tuple[Sequence[int], int]],
+    slabs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    better_than: int = 0,
+) -> Reuse | None:
+    """A prefix of ``prompt`` held by a running row, when one holds more than
+    ``better_than`` reusable tokens: copied out of the row's slot at once (the slot moves
+    and grows). ``rows``: per slot, its tokens and how many of them have KV there."""
+    best, best_slot = better_than, None
+    head = list(prompt[:BLOCK_TOKENS])
+    for slot, (tokens, held) in enumerate(rows):
+        if held < BLOCK_TOKENS or list(tokens[:BLOCK_TOKENS]) != head:
+            continue
+        shared = reusable(min(common_prefix(prompt, tokens, BLOCK_TOKENS), held), len(prompt))
+        if shared > best:
+            best, best_slot = shared, slot
+    if best_slot is None:
+        return None
+    layers = [
+        (keys[best_slot, :, :best].clone(), values[best_slot, :, :best].clone())
+        for keys, values in slabs
+    ]
+    return Reuse(CachedKV(layers), best)
+
+
+def seeded_cache(*reuses: Reuse) -> DynamicCache:
+    """A prefill cache whose row ``i`` holds ``reuses[i]``'s prefix (all of one length):
+    what a chunked prefill's cache holds after its first ``tokens`` tokens."""
+    n = reuses[0].tokens
+    assert all(reuse.tokens == n for reuse in reuses)
+    layers = [
+        (
+            torch.stack([keys[:, :n] for keys, _ in per_row]),
+            torch.stack([values[:, :n] for _, values in per_row]),
+        )
+        for per_row in zip(*(reuse.kv.layers for reuse in reuses), strict=True)
+    ]
     return DynamicCache(ddp_cache_data=layers)
 
 

@@ -32,12 +32,19 @@ from llm_stream.engine.types import (
     StepTokens,
 )
 from llm_stream.model.cuda_graphs import DecodeGraphs
-from llm_stream.model.prefix_cache import PrefixCache, Reuse, copy_into_slot, seeded_cache
+from llm_stream.model.prefix_cache import (
+    PrefixCache,
+    Reuse,
+    copy_into_slot,
+    running_reuse,
+    seeded_cache,
+)
 from llm_stream.model.sampling import BatchSampler
 from llm_stream.model.slots import (
     PartialPrompt,
     SlotBatch,
     extend_prompt,
+    extend_prompts,
     forward_prompts,
     start_prompt,
 )
@@ -122,15 +129,26 @@ class HFStepRunner:
     # -- the seam ----------------------------------------------------------------
 
     def reuse_prefix(self, key: int, prepared: PreparedRequest) -> int:
-        """Admission of ``key``: how many of its prompt tokens come from the prefix cache
-        (its prefill starts there), after evicting what its admission needs."""
+        """Admission of ``key``: how many of its prompt tokens come from the prefix cache or
+        a running row (its prefill starts there), after evicting what its admission needs."""
         if self.prefix is None:
             return 0
         self._costs[key] = prepared.token_cost
         self.prefix.fit(list(self._costs.values()))
-        reuse = self.prefix.lookup(prepared.prompt_ids)
+        prompt = prepared.prompt_ids
+        reuse = self.prefix.lookup(prompt)
+        batch = self._batch
+        rows: list[tuple[list[int], int]] = []  # per slot: its tokens, and those in the slot
+        for row_key, length in zip(batch.keys, batch.lengths, strict=True):
+            history = self._history.get(row_key, [])
+            rows.append((history, min(length, len(history))))
+        from_row = running_reuse(
+            prompt, rows, batch.slabs, better_than=0 if reuse is None else reuse.tokens
+        )
+        reuse = from_row or reuse
         if reuse is None:
             return 0
+        self.prefix.stats.reused_tokens += reuse.tokens
         self._reuse[key] = reuse
         return reuse.tokens
 
@@ -360,8 +378,26 @@ class HFStepRunner:
                 continue
             lengths = [len(c.prepared.prompt_ids) for c in members]
             joined.append(self._join_cache(members, cache, lengths, logits))
+        batched: set[int] = set()
+        for rests in self._reused_groups(chunks):
+            batched.update(c.key for c in rests)
+            try:
+                cache = seeded_cache(*(self._reuse.pop(c.key) for c in rests))
+                logits = extend_prompts(
+                    self._model,
+                    cache,
+                    [c.prepared.prompt_ids[c.start : c.end] for c in rests],
+                    rests[0].start,
+                    pad_id=self._pad_id,
+                    device=self._device,
+                )
+            except Exception as exc:  # a failed prefill fails its own sequences only
+                failed.extend((c.key, exc) for c in rests)
+                continue
+            lengths = [c.end for c in rests]
+            joined.append(self._join_cache(rests, cache, lengths, logits, right_padded=True))
         for chunk in chunks:
-            if chunk.start == 0 and chunk.completes_prompt:
+            if (chunk.start == 0 and chunk.completes_prompt) or chunk.key in batched:
                 continue
             part = chunk.prepared.prompt_ids[chunk.start : chunk.end]
             try:
@@ -382,6 +418,22 @@ class HFStepRunner:
                 joined.append(self._join_cache([chunk], partial.cache, [partial.length], logits))
         return joined
 
+    def _reused_groups(self, chunks: Sequence[PrefillChunk]) -> list[list[PrefillChunk]]:
+        """Whole rests of prompts that start from the same number of cached tokens (many
+        users behind one system prompt), grouped to be fed as padded batches: one
+        forward for a group costs about what one prompt's does on a CPU."""
+        by_start: dict[int, list[PrefillChunk]] = {}
+        for chunk in chunks:
+            reuse = self._reuse.get(chunk.key)
+            if chunk.completes_prompt and reuse is not None and reuse.tokens == chunk.start:
+                by_start.setdefault(chunk.start, []).append(chunk)
+        groups = []
+        for members in by_start.values():
+            for group in group_by_length([c.end - c.start for c in members]):
+                if len(group) > 1:
+                    groups.append([members[g] for g in group])
+        return groups
+
     def _reused_prompt(self, chunk: PrefillChunk) -> PartialPrompt:
         """The one-row cache of a prompt whose prefix comes from the prefix cache."""
         reuse = self._reuse.pop(chunk.key, None)
@@ -395,12 +447,16 @@ class HFStepRunner:
         cache: Any,
         lengths: Sequence[int],
         logits: torch.Tensor,
+        *,
+        right_padded: bool = False,
     ) -> tuple[list[int], torch.Tensor]:
         return self._join(
             chunks,
             logits,
             lengths,
-            lambda keys, tokens: self._batch.join(keys, cache, lengths, tokens),
+            lambda keys, tokens: self._batch.join(
+                keys, cache, lengths, tokens, right_padded=right_padded
+            ),
         )
 
     def _join(

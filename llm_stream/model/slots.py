@@ -430,11 +430,14 @@ class SlotBatch:
         prefill: DynamicCache,
         lengths: Sequence[int],
         first_tokens: torch.Tensor,
+        *,
+        right_padded: bool = False,
     ) -> slice:
         """Add rows from a prefill cache whose rows are left-padded to a common width.
 
         Returns the slots they took. Row ``i`` keeps its ``lengths[i]`` real
-        tokens, which end at the prefill cache's last position.
+        tokens, which end at the prefill cache's last position; or, ``right_padded``,
+        start at its first (what follows a row's length in its slot is never read).
         """
         first, count = self.rows, len(keys)
         if not self.shapes:  # the first rows ever: now the layers' shapes are known
@@ -444,7 +447,7 @@ class SlotBatch:
         slots = slice(first, first + count)
         padded = max(lengths)
         shift = None
-        if any(length != padded for length in lengths):
+        if not right_padded and any(length != padded for length in lengths):
             # Where row i's j-th real token sits in the left-padded prefill cache.
             offsets = [padded - length for length in lengths]
             columns = torch.arange(padded, device=self.device).unsqueeze(0)
@@ -576,4 +579,38 @@ def extend_prompt(
     )
     partial.length += len(chunk)
     logits: torch.Tensor = out.logits[:, -1, :]
+    return logits
+
+
+def extend_prompts(
+    model: Any,
+    cache: DynamicCache,
+    parts: Sequence[Sequence[int]],
+    start: int,
+    *,
+    pad_id: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Feed each row its next tokens after the ``start`` tokens its row of ``cache``
+    holds, as one right-padded forward; returns each row's last logits, [rows, vocab].
+
+    Right padding keeps each row's tokens contiguous from position 0, so a
+    sliding window counts real tokens only; the pads come after a row's last token
+    and, attention being causal, change nothing before it.
+    """
+    rows, width = len(parts), max(len(p) for p in parts)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    for row, part in enumerate(parts):
+        ids[row, : len(part)] = torch.tensor(list(part), dtype=torch.long)
+    positions = torch.arange(start, start + width).expand(rows, width)
+    lasts = sorted({len(p) - 1 for p in parts})
+    out = model(
+        input_ids=to_device(ids, device),
+        position_ids=to_device(positions.contiguous(), device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=to_device(torch.tensor(lasts), device),
+    )
+    pick = to_device(torch.tensor([lasts.index(len(p) - 1) for p in parts]), device)
+    logits: torch.Tensor = out.logits[torch.arange(rows, device=device), pick]
     return logits
