@@ -20,11 +20,12 @@ recorded with py-spy (``--py-spy FILE``); and checks the GPU targets against the
 ``--model`` may be ``random:SHAPE[@TOKENIZER_DIR]``: random weights of a real shape, the
 same in the server and the baselines (seeded), so nothing is downloaded.
 
-It starts a server on a free port with the server's default flags plus any ``--server-arg``
-(``--server-arg=--max-queue=64``), or uses ``--target``. The baselines run afterwards in a
-process of their own: a model loaded beside the server keeps its OpenMP threads spinning
-and slows the server about 3x on a small machine, so the two never run at once. Compare
-ratios within one run: these machines are shared and noisy.
+It starts a server on a free port with the server's default flags but the prefix cache off
+(the scenarios repeat their prompts; ``scripts/bench_multiturn.py`` measures the cache),
+plus any ``--server-arg`` (``--server-arg=--max-queue=64``), or uses ``--target``. The
+baselines run afterwards in a process of their own: a model loaded beside the server keeps
+its OpenMP threads spinning and slows the server about 3x on a small machine, so the two
+never run at once. Compare ratios within one run: these machines are shared and noisy.
 
     .venv/bin/python scripts/bench.py [--tokens 64] [--plot docs/bench.png] [--no-baseline]
     .venv/bin/python scripts/bench.py --quick        # 1 and 8 streams, 16 tokens, no burst
@@ -1194,7 +1195,10 @@ def main() -> None:
             note("--server-arg is ignored with --target")
         results = measure(args.target, None)
     else:
-        extra = ["--device", args.device]
+        # The prefix cache off (a --server-arg may turn it on): the scenarios repeat the
+        # same prompts and the baselines compute every prompt; bench_multiturn.py
+        # measures the cache.
+        extra = ["--device", args.device, "--prefix-cache", "off"]
         extra += [part for arg in args.server_arg for part in shlex.split(arg)]
         args.server_log = args.server_log or tempfile.mktemp(prefix="bench-server-", suffix=".log")
         with server(args.model, extra, args.server_log) as (target, process):

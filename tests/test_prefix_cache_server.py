@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,30 @@ async def test_the_default_models_chat_turns_equal_the_cache_off() -> None:
                 assert on_usage.cached_prompt_tokens > previous - BLOCK, number
             previous = on_usage.prompt_tokens
             turns.append(("assistant", on_text))
+
+
+async def test_the_multiturn_benchmark_runs_and_reports(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """scripts/bench_multiturn.py --quick on the tiny model: both servers, every table,
+    every check (the numbers are the benchmark's business, not this test's)."""
+    plot = tmp_path / "multiturn.png"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "scripts/bench_multiturn.py",
+        "--quick",
+        "--model",
+        f"tiny={tiny_model_dir}",
+        "--plot",
+        str(plot),
+        cwd=Path(__file__).parent.parent,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 300)
+    assert process.returncode == 0, err.decode()[-2000:]
+    report = out.decode()
+    assert "| 4 |" in report  # the fourth turn's row
+    assert report.count("PASS") + report.count("FAIL") == 4
+    assert "| cache on |" in report and "| cache off |" in report
+    assert plot.stat().st_size > 10_000

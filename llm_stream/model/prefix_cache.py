@@ -16,14 +16,14 @@ chunk. Every layer's entry keeps the whole sequence, sliding-window layers too
 cache holds, so a reused prefix changes nothing a windowed layer sees.
 
 At least one prompt token is always computed: its logits give the first token.
-Reuse stops at a block boundary (a multiple of 16 tokens), and the rest of the
-prompt, at least one token and at most a block more than the match, is computed
-again. The arithmetic is exact, but not the floating point: the CPU's kernels
-give bit for bit the same keys, values and logits for a chunk whatever its
-length mostly when it starts at such a boundary (measured on the default model,
-a 180-token prompt split in two: 9 of 11 splits at multiples of 16 gave the
-whole prefill's last logits bit for bit, 1 of 41 other splits did), and greedy
-decoding meets top-two logits one rounding step apart often enough to matter.
+Reuse stops at a block boundary (a multiple of 16 tokens): up to 16 more tokens
+than the prompt's new ones are computed again. The arithmetic is exact, but not
+the floating point: the CPU's kernels give bit for bit the same keys, values and
+logits for a chunk whatever its length mostly when it starts at such a boundary
+(measured on the default model, a 180-token prompt split in two: 9 of 11 splits
+at multiples of 16 gave the whole prefill's last logits bit for bit, 1 of 41
+other splits did), and greedy decoding meets top-two logits one rounding step
+apart often enough to matter.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from llm_stream.model.prefix_index import BLOCK_TOKENS, Match, PrefixIndex, common_prefix
 
@@ -57,19 +58,10 @@ class Reuse:
     tokens: int
 
 
-@dataclass
-class PrefixStats:
-    """Running totals, for the log and tests (per-request counts go out with usage)."""
-
-    stored: int = 0
-    reused_tokens: int = 0
-
-
 class PrefixCache:
     def __init__(self, capacity_tokens: int, room: Room) -> None:
         self.index: PrefixIndex[CachedKV] = PrefixIndex(capacity_tokens)
         self._room = room
-        self.stats = PrefixStats()
 
     @property
     def capacity(self) -> int:
@@ -113,8 +105,7 @@ class PrefixCache:
                 for keys, values in slabs
             ]
         )
-        if self.index.insert(tokens, kv, limit) is not None:
-            self.stats.stored += 1
+        self.index.insert(tokens, kv, limit)
 
     def clear(self) -> None:
         self.index.clear()
@@ -155,17 +146,26 @@ def running_reuse(
 
 def seeded_cache(*reuses: Reuse) -> DynamicCache:
     """A prefill cache whose row ``i`` holds ``reuses[i]``'s prefix (all of one length):
-    what a chunked prefill's cache holds after its first ``tokens`` tokens."""
+    what a chunked prefill's cache holds after its first ``tokens`` tokens.
+
+    One prompt's cache starts as views of the kept tensors, not copies (its first
+    forward concatenates into new ones, leaving the entry as it was): a long chat's
+    prefix is tens of megabytes, each copy milliseconds of its time to first token.
+    """
     n = reuses[0].tokens
     assert all(reuse.tokens == n for reuse in reuses)
-    layers = [
-        (
-            torch.stack([keys[:, :n] for keys, _ in per_row]),
-            torch.stack([values[:, :n] for _, values in per_row]),
-        )
-        for per_row in zip(*(reuse.kv.layers for reuse in reuses), strict=True)
-    ]
-    return DynamicCache(ddp_cache_data=layers)
+    cache = DynamicCache()
+    for per_row in zip(*(reuse.kv.layers for reuse in reuses), strict=True):
+        if len(per_row) == 1:
+            keys, values = per_row[0][0][None, :, :n], per_row[0][1][None, :, :n]
+        else:
+            keys = torch.stack([row_keys[:, :n] for row_keys, _ in per_row])
+            values = torch.stack([row_values[:, :n] for _, row_values in per_row])
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def copy_into_slot(

@@ -148,7 +148,6 @@ class HFStepRunner:
         reuse = from_row or reuse
         if reuse is None:
             return 0
-        self.prefix.stats.reused_tokens += reuse.tokens
         self._reuse[key] = reuse
         return reuse.tokens
 
