@@ -441,7 +441,8 @@ class OpenAIApi:
         default = self._engine.default_model_id
         ids = sorted(self._engine.backends, key=lambda model_id: model_id != default)
         backends = self._engine.backends
-        cards = [model_card(i, self._created, backends[i].sampling_defaults) for i in ids]
+        cap = self._limits.max_tokens_cap
+        cards = [model_card(i, self._created, backends[i].sampling_defaults, cap) for i in ids]
         body = {"object": "list", "data": cards}
         return JSONResponse(body, headers=self._headers(request_id))
 
@@ -457,7 +458,12 @@ class OpenAIApi:
         except Exception as exc:
             return self._error(exc, request_id)
         return JSONResponse(
-            model_card(backend.model_id, self._created, backend.sampling_defaults),
+            model_card(
+                backend.model_id,
+                self._created,
+                backend.sampling_defaults,
+                self._limits.max_tokens_cap,
+            ),
             headers=self._headers(request_id),
         )
 

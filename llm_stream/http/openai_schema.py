@@ -187,8 +187,12 @@ def _config(body: Mapping[str, Any], config: pb.InferenceConfig, max_tokens_cap:
     name = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
-    max_tokens = _integer(body, name, 1, INT32_MAX)
+    max_tokens = _integer(body, name, -INT32_MAX, INT32_MAX)
     if max_tokens is not None:
+        if max_tokens < 1:
+            raise ParamError(
+                name, f"{name} must be 1 to {max_tokens_cap} (this server's cap), got {max_tokens}"
+            )
         if max_tokens > max_tokens_cap:
             raise ParamError(
                 name,
@@ -466,15 +470,19 @@ class Chunks:
         return chunks
 
 
-def model_card(model_id: str, created: int, sampling_defaults: Mapping[str, float]) -> JsonObject:
-    """OpenAI's model object, and the model's own sampling defaults: what a request
-    that leaves temperature, top_p, top_k or repetition_penalty out gets."""
+def model_card(
+    model_id: str, created: int, sampling_defaults: Mapping[str, float], max_tokens_cap: int
+) -> JsonObject:
+    """OpenAI's model object, the model's own sampling defaults (what a request that
+    leaves temperature, top_p, top_k or repetition_penalty out gets) and the largest
+    ``max_tokens`` this server takes (``--max-tokens-cap``), for a frontend's form."""
     return {
         "id": model_id,
         "object": "model",
         "created": created,
         "owned_by": OWNER,
         "sampling_defaults": dict(sampling_defaults),
+        "max_tokens_cap": max_tokens_cap,
     }
 
 

@@ -105,6 +105,9 @@ async function loadModels() {
       }),
     );
     if (data.some((m) => m.id === wanted)) ui.model.value = wanted;
+    // The form takes no more than the server does (--max-tokens-cap).
+    const cap = data.find((m) => m.id === ui.model.value)?.max_tokens_cap;
+    if (Number.isInteger(cap)) ui.maxTokens.max = String(cap);
     ui.model.disabled = data.length === 0;
     setStatus(data.length ? "" : "The server lists no models.");
   } catch (error) {
@@ -185,10 +188,14 @@ function timings(stats) {
 // Yields the data of each server-sent event in a fetch body.
 async function* serverSentEvents(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let ended = false;
   try {
     yield* eventBatches(reader, "");
+    ended = true;
   } finally {
-    reader.cancel().catch(() => {}); // after [DONE], or when the reader stopped early
+    // Only a reader that stopped early (Stop, an error) cancels: one read to its end
+    // finishes the request cleanly, where a cancel shows as a failed request.
+    if (!ended) reader.cancel().catch(() => {});
   }
 }
 
@@ -249,7 +256,9 @@ async function ask(question) {
     if (!response.ok) throw new Error(await errorMessage(response));
     view.article.dataset.requestId = response.headers.get("x-request-id") || "";
     let streamDone = false;
+    // Read to the end of the body, [DONE] included: the server closes it right after.
     for await (const batch of serverSentEvents(response.body)) {
+      if (streamDone) continue;
       for (const data of batch) {
         if (data === "[DONE]") {
           streamDone = true;
@@ -273,7 +282,6 @@ async function ask(question) {
       render(view);
       stats.end = performance.now();
       view.meta.textContent = timings(stats);
-      if (streamDone) break;
     }
     if (!streamDone && finish === null) throw new Error("the stream ended early");
   } catch (caught) {
@@ -301,6 +309,7 @@ async function ask(question) {
   // A stopped answer stays in the history as far as it got; a failed turn is dropped.
   if (outcome !== "error" || view.text) {
     history.push({ role: "user", content: question }, { role: "assistant", content: view.text });
+    saveHistory();
   }
   current = null;
   setBusy(false);
@@ -333,6 +342,12 @@ ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const question = ui.prompt.value.trim();
   if (!question || current) return;
+  if (!ui.maxTokens.checkValidity()) {
+    // Above the server's cap (or not a whole number): say so before asking.
+    $("settings").open = true;
+    ui.maxTokens.reportValidity();
+    return;
+  }
   ui.prompt.value = "";
   grow();
   ask(question);
@@ -343,10 +358,39 @@ ui.stop.addEventListener("click", () => current?.controller.abort());
 ui.newChat.addEventListener("click", () => {
   if (current) return;
   history.length = 0;
+  localStorage.removeItem(STORE + "history");
   ui.log.replaceChildren(ui.empty);
   ui.empty.hidden = false;
   ui.prompt.focus();
 });
 
+// -- the conversation, kept in localStorage until "New chat" -----------------------
+
+function saveHistory() {
+  localStorage.setItem(STORE + "history", JSON.stringify(history));
+}
+
+function restoreHistory() {
+  let saved;
+  try {
+    saved = JSON.parse(localStorage.getItem(STORE + "history") || "[]");
+  } catch {
+    saved = [];
+  }
+  if (!Array.isArray(saved)) return;
+  const text = (turn, role) => turn?.role === role && typeof turn.content === "string";
+  for (let i = 0; i + 1 < saved.length; i += 2) {
+    const [question, answer] = [saved[i], saved[i + 1]];
+    if (!text(question, "user") || !text(answer, "assistant")) break;
+    history.push({ role: "user", content: question.content }, { role: "assistant", content: answer.content });
+    addMessage("user", question.content);
+    const { article, body } = addMessage("assistant");
+    article.dataset.state = "done";
+    body.replaceChildren(renderMarkdown(answer.content));
+  }
+  if (history.length) scrollDown(true);
+}
+
+restoreHistory();
 loadModels();
 ui.prompt.focus();
