@@ -846,6 +846,9 @@ def test_no_log_injection_through_request_id_or_model_id(
     _wait_for(logged)
     lines = caplog.text.splitlines()
     assert any(f"[{expected}]" in line for line in lines)
+    # The end line is logged on the engine's thread, and still carries the request's id.
+    ends = [line for line in lines if f"generation {expected} ended" in line]
+    assert ends and all(f"[{expected}]" in line for line in ends), ends
     assert any("'m\\nFAKE MODEL LINE'" in line for line in lines)
     assert any("'x\\nFAKE ROLE LINE'" in line for line in lines)
     for line in lines:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -26,6 +27,7 @@ from llm_stream.app import LLMStreamServer
 from llm_stream.engine.engine import EngineState
 from llm_stream.engine.types import FinishReason, ModelBackend
 from llm_stream.http.app import HTTP_MAX_BODY_BYTES
+from llm_stream.logging_setup import LOG_FORMAT, RequestContextFilter
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings
 from tests.conftest import RunningServer, free_port, running_server, tiny_settings
@@ -249,7 +251,7 @@ async def assert_400(
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({"response_format": {"type": "json_object"}}, "response_format", "JSON mode"),
-        ({"max_tokens": 0}, "max_tokens", "1 to"),
+        ({"max_tokens": 0}, "max_tokens", "must be 1 to 4000 (this server's cap), got 0"),
         ({"max_completion_tokens": 5000}, "max_completion_tokens", "cap of 4000"),
         ({"temperature": "hot"}, "temperature", "must be a number, got a string"),
         ({"top_p": 0}, "top_p", "(0, 1]"),
@@ -599,3 +601,40 @@ async def test_http_port_in_use_is_a_clean_os_error(tiny_model_dir: Path, cache_
         server = LLMStreamServer(tiny_settings(tiny_model_dir, cache_dir, http_port=port))
         with pytest.raises(OSError, match=rf"cannot listen on 127\.0\.0\.1:{port} \(--http-port\)"):
             await server.start()
+
+
+async def test_every_http_request_gets_an_access_log_line_with_its_id(
+    http_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server's own log format, with the request id of each line in brackets.
+    caplog.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    caplog.handler.addFilter(RequestContextFilter())
+    caplog.set_level(logging.INFO, logger="llm_stream")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
+        models = await http.get("/v1/models", headers={"x-request-id": "access-models"})
+        streamed = await http.post(
+            "/v1/chat/completions",
+            json={**body, "stream": True},
+            headers={"x-request-id": "access-stream"},
+        )
+        missing = await http.get("/v1/nothing-here")
+    assert models.status_code == 200 and streamed.status_code == 200
+    assert missing.status_code == 404
+    lines = caplog.text.splitlines()
+
+    def line_of(request: str) -> str:
+        found = [line for line in lines if request in line and "llm_stream.http.access" in line]
+        assert len(found) == 1, (request, lines)
+        return found[0]
+
+    assert "[access-models]" in line_of('"GET /v1/models HTTP/1.1" 200')
+    # A stream is logged once it has ended, with all of its bytes.
+    stream_line = line_of('"POST /v1/chat/completions HTTP/1.1" 200')
+    assert "[access-stream]" in stream_line
+    assert f"{len(streamed.content)} bytes" in stream_line
+    assert '"GET /v1/nothing-here HTTP/1.1" 404' in caplog.text
+    # The generation's own end line carries the same id.
+    assert any(
+        "[access-stream]" in line and "generation access-stream ended" in line for line in lines
+    )

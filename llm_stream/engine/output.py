@@ -31,6 +31,7 @@ from llm_stream.engine.types import (
     TextAssembler,
     TokenEvent,
 )
+from llm_stream.logging_setup import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,15 @@ class OutputStage:
         )
         step.finished.append(record)
         client = state.prepared.request.client
+        # This runs on the engine's thread (or process): the request's id comes with it.
+        context = request_id_var.set(record.request_id)
+        try:
+            self._log_end(record, client)
+        finally:
+            request_id_var.reset(context)
+
+    @staticmethod
+    def _log_end(record: FinishedGeneration, client: str) -> None:
         log.info(
             "generation %s ended: reason=%s prompt=%d (cached %d) tokens=%d in %.2f s "
             "(%.1f tokens/s, first after %s)%s%s",

@@ -23,6 +23,8 @@ import anyio.to_thread
 import uvicorn
 from starlette.types import ASGIApp
 
+from llm_stream.http.access_log import AccessLog
+
 log = logging.getLogger(__name__)
 
 # Errors that mean "no IPv6 here", on which binding all interfaces falls back to IPv4.
@@ -85,14 +87,14 @@ class HttpServer:
         self._host = host
         self._requested_port = port
         self._config = uvicorn.Config(
-            app,
+            AccessLog(app),
             host=host.strip("[]"),
             port=port,
             http="h11",
             ws="none",
             lifespan="off",
             log_config=None,  # the server's own logging set-up stays
-            access_log=False,
+            access_log=False,  # logged by AccessLog, in the server's own format
             server_header=False,
             ssl_context_factory=(
                 None if ssl_context is None else lambda _config, _default: ssl_context
