@@ -226,3 +226,29 @@ async def test_client_retries_while_the_server_warms_up(
     finally:
         logging.getLogger("llm_stream").removeHandler(refusals)
     assert response.usage.completion_tokens > 0
+
+
+async def test_the_readmes_python_example_runs_as_a_script(tiny_server: RunningServer) -> None:
+    """The README's async client example, as a user would paste it into a file."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("From Python, frontends import the async client", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "localhost:50051" in code
+    code = code.replace("localhost:50051", tiny_server.target)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    last = out.decode().strip().splitlines()[-1]
+    reasons = {
+        "FINISH_REASON_END_OF_SEQUENCE",
+        "FINISH_REASON_LENGTH",
+        "FINISH_REASON_STOP_SEQUENCE",
+    }
+    assert last.split(":")[0] in reasons, last
+    assert last.endswith(" tokens")
