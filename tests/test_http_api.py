@@ -249,7 +249,29 @@ async def assert_400(
         ({"frequency_penalty": 0.5}, "frequency_penalty", "repetition_penalty"),
         ({"presence_penalty": -1}, "presence_penalty", "not supported"),
         ({"logprobs": True}, "logprobs", "not supported"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+            "tool_choice",
+            "demands a tool call",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+            },
+            "tool_choice",
+            "naming a function demands a tool call",
+        ),
+        (
+            {"functions": [{"name": "f"}], "function_call": {"name": "f"}},
+            "function_call",
+            "demands",
+        ),
+        ({"tool_choice": "sometimes"}, "tool_choice", "'none', 'auto', 'required'"),
+        ({"tools": {"name": "f"}}, "tools", "must be an array"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "only 'function'"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", "a string"),
+        ({"tools": [], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
         ({"response_format": {"type": "json_object"}}, "response_format", "JSON mode"),
         ({"max_tokens": 0}, "max_tokens", "must be 1 to 4000 (this server's cap), got 0"),
         ({"max_completion_tokens": 5000}, "max_completion_tokens", "cap of 4000"),
@@ -638,3 +660,67 @@ async def test_every_http_request_gets_an_access_log_line_with_its_id(
     assert any(
         "[access-stream]" in line and "generation access-stream ended" in line for line in lines
     )
+
+
+# What Open WebUI attaches to every chat request with its default settings: tools.
+OPEN_WEBUI_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"The built-in {name} tool.",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+    for name in ("search_web", "fetch_url", "query_knowledge", "get_current_time")
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("tool_choice", [None, "auto", "none"])
+async def test_a_request_offering_tools_gets_a_text_answer_and_says_why(
+    http_server: RunningServer, stream: bool, tool_choice: str | None
+) -> None:
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "messages": HELLO,
+        "max_tokens": 4,
+        "temperature": 0,
+        "tools": OPEN_WEBUI_TOOLS,
+        "parallel_tool_calls": True,
+        "stream": stream,
+    }
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    async with httpx.AsyncClient(base_url=http_server.http_url, timeout=30) as http:
+        response = await http.post("/v1/chat/completions", json=body)
+        plain = await http.post(
+            "/v1/chat/completions", json={k: v for k, v in body.items() if "tool" not in k}
+        )
+    assert response.status_code == 200, response.text
+    header = response.headers["x-llm-stream-tools"]
+    assert header.startswith("ignored: ")
+    assert ("'none'" in header) == (tool_choice == "none")
+    assert "x-llm-stream-tools" not in plain.headers
+    # The same answer as without the tools.
+    assert response.text.count("data:") == plain.text.count("data:")
+    if not stream:
+        choice = response.json()["choices"][0]
+        assert choice["message"]["content"] == plain.json()["choices"][0]["message"]["content"]
+        assert choice["finish_reason"] in {"stop", "length"}
+        assert "tool_calls" not in choice["message"]
+
+
+async def test_the_openai_sdk_with_tools_gets_an_answer(http_server: RunningServer) -> None:
+    client = sdk(http_server)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="tiny",
+        messages=HELLO,
+        max_tokens=4,
+        temperature=0,
+        tools=OPEN_WEBUI_TOOLS,  # type: ignore[arg-type]
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert not completion.choices[0].message.tool_calls
+    assert raw.headers["x-llm-stream-tools"].startswith("ignored")

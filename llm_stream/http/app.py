@@ -52,6 +52,7 @@ from llm_stream.http.errors import (
 )
 from llm_stream.http.openai_schema import (
     SSE_DONE,
+    TOOLS_IGNORED_HEADER,
     Chunks,
     OpenAIRequest,
     ResponseInfo,
@@ -354,6 +355,11 @@ class OpenAIApi:
             key = self._authenticate(request)
             parsed, checked = await self._convert(request, parse, request_id)
             generation = dataclasses.replace(checked, client=key)
+            headers = self._headers(request_id)
+            if parsed.tools_ignored:
+                # Said where a client can see it (the header) and an operator too.
+                log.info("tools left out of the prompt: %s", parsed.tools_ignored)
+                headers[TOOLS_IGNORED_HEADER] = f"ignored: {parsed.tools_ignored}"
             self._engine.check_accepting()
             backend = self._engine.backend_for(generation.model_id)
             self._hold(key)
@@ -366,14 +372,14 @@ class OpenAIApi:
             )
             if parsed.stream:
                 chunks = Chunks(info, chat, parsed.include_usage)
-                response = await self._open_stream(request, generation, chunks, key)
+                response = await self._open_stream(request, generation, chunks, key, headers)
                 held = False  # the stream gives it back when it ends
                 return response
             completion = await until_disconnected(
                 request.receive, self._engine.complete(generation)
             )
             body = chat_completion(info, completion) if chat else text_completion(info, completion)
-            return JSONResponse(body, headers=self._headers(request_id))
+            return JSONResponse(body, headers=headers)
         except (ClientGone, ClientDisconnect):
             log.info("client left before its answer (its generation, if any, is cancelled)")
             return _NoResponse()
@@ -384,7 +390,12 @@ class OpenAIApi:
                 self._release(key)
 
     async def _open_stream(
-        self, request: Request, generation: GenerationRequest, chunks: Chunks, key: str
+        self,
+        request: Request,
+        generation: GenerationRequest,
+        chunks: Chunks,
+        key: str,
+        headers: dict[str, str],
     ) -> Response:
         """Waits for the first token (so that a refusal is a real HTTP status), then streams."""
         events = self._engine.stream(generation)
@@ -404,7 +415,7 @@ class OpenAIApi:
             self._release(key)
 
         headers = {
-            **self._headers(generation.request_id),
+            **headers,
             "cache-control": "no-cache",
             "x-accel-buffering": "no",  # nginx and friends: do not buffer the stream
         }

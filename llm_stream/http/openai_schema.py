@@ -49,6 +49,10 @@ class OpenAIRequest:
     message: pb.PredictRequest
     stream: bool
     include_usage: bool
+    # Why the request's tools were left out (None: it sent none). This server makes
+    # no tool calls yet; a chat UI that attaches tools to every request still gets
+    # its answer, as text.
+    tools_ignored: str | None = None
 
 
 # -- JSON shapes ----------------------------------------------------------------------
@@ -156,9 +160,6 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
 def _refuse_unsupported_chat(body: Mapping[str, Any]) -> None:
     if body.get("logprobs"):
         raise ParamError("logprobs", "logprobs is not supported; leave it out or send false")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise ParamError(name, f"{name} (function calling) is not supported; leave it out")
     response_format = body.get("response_format")
     if response_format is not None:
         kind = response_format.get("type") if isinstance(response_format, dict) else None
@@ -177,6 +178,79 @@ def _refuse_unsupported_completion(body: Mapping[str, Any]) -> None:
     if body.get("suffix"):
         raise ParamError("suffix", "suffix (insertion) is not supported; leave it out")
     _only_one(body, "best_of", "this server returns one choice")
+
+
+# -- tools ---------------------------------------------------------------------------------
+
+TOOLS_IGNORED_HEADER = "x-llm-stream-tools"
+
+
+def _function_names(body: Mapping[str, Any]) -> list[str]:
+    """The names in ``tools`` (and the legacy ``functions``), their shapes checked."""
+    names = []
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ParamError(
+                "tools",
+                'tools must be an array of {"type": "function", "function": {"name": ...}} '
+                f"objects, got {json_type(tools)}",
+            )
+        for index, item in enumerate(tools):
+            where = f"tools[{index}]"
+            tool = _object(item, where)
+            if tool.get("type", "function") != "function":
+                raise ParamError(
+                    f"{where}.type",
+                    f"{where}.type is {_quoted(tool.get('type'))}; only 'function' tools exist",
+                )
+            function = _object(tool.get("function"), f"{where}.function")
+            names.append(_text(function.get("name"), f"{where}.function.name"))
+    functions = body.get("functions")
+    if functions is not None:
+        if not isinstance(functions, list):
+            raise ParamError(
+                "functions",
+                f"functions must be an array of {{name, ...}} objects, got {json_type(functions)}",
+            )
+        for index, item in enumerate(functions):
+            names.append(
+                _text(_object(item, f"functions[{index}]").get("name"), f"functions[{index}].name")
+            )
+    return names
+
+
+def _tools_ignored(body: Mapping[str, Any]) -> str | None:
+    """Checks ``tools``, ``functions``, ``tool_choice``, ``function_call`` and
+    ``parallel_tool_calls``; returns why the tools are left out (None: none sent).
+
+    A request may offer tools and let the model choose (``auto``, the default) or
+    forbid calls (``none``): both get a text answer. A request that demands a call
+    (``required``, or a named function) is refused: a text answer would break it.
+    """
+    names = _function_names(body)
+    _boolean(body, "parallel_tool_calls")
+    name, choice = "tool_choice", body.get("tool_choice")
+    if choice is None and body.get("function_call") is not None:
+        name, choice = "function_call", body.get("function_call")
+    if choice is not None and choice not in ("none", "auto"):
+        if choice != "required" and not isinstance(choice, dict):
+            raise ParamError(
+                name,
+                f"{name} must be 'none', 'auto', 'required' or a named function, got "
+                f"{_quoted(choice)}",
+            )
+        demand = "'required'" if choice == "required" else "naming a function"
+        raise ParamError(
+            name,
+            f"{name} {demand} demands a tool call, and this server does not make tool calls "
+            "yet; send 'auto' or 'none' (the answer is then text), or leave tools out",
+        )
+    if not names:
+        return None
+    if choice == "none":
+        return f"{name} is 'none'"
+    return "this server does not make tool calls yet; the answer is text"
 
 
 # -- the shared parameters -----------------------------------------------------------------
@@ -262,6 +336,7 @@ def chat_request(body: object, max_tokens_cap: int) -> OpenAIRequest:
     """``POST /v1/chat/completions``: the conversation in ``messages``."""
     fields = _object(body, "the request body")
     _refuse_unsupported_chat(fields)
+    tools_ignored = _tools_ignored(fields)
     message = _message(fields, max_tokens_cap)
     turns = fields.get("messages")
     if not isinstance(turns, list) or not turns:
@@ -280,7 +355,7 @@ def chat_request(body: object, max_tokens_cap: int) -> OpenAIRequest:
             role=ROLE_ALIASES.get(role, role), content=_content(turn.get("content"), where)
         )
     stream, include_usage = _stream_options(fields)
-    return OpenAIRequest(message, stream, include_usage)
+    return OpenAIRequest(message, stream, include_usage, tools_ignored)
 
 
 def _content(content: object, where: str) -> str:
