@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +25,18 @@ import grpc
 import pytest
 
 from llm_stream.app import load_configured_models
+from llm_stream.client import InferenceClient, reset_as_unavailable
 from llm_stream.engine.types import ModelBackend
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.settings import Settings
 from tests.certs import CertificateAuthority
-from tests.conftest import RunningServer, prompt_request, running_server, tiny_settings
+from tests.conftest import (
+    RunningServer,
+    free_port,
+    prompt_request,
+    running_server,
+    tiny_settings,
+)
 from tests.envoy_proxy import envoy_in_front, render_module
 from tests.wrapped_backend import slow_models
 
@@ -297,3 +307,75 @@ async def test_upstream_tls_requires_the_server_name_in_the_certificate(
         stats = await asyncio.to_thread(envoy.stats)
         assert stats.get("health_check.success", 0) == 0
         assert (await asyncio.to_thread(envoy.health_flags))[replica.server.port] != "healthy"
+
+
+def spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+@contextlib.asynccontextmanager
+async def replica_process(tiny_model_dir: Path, workdir: Path) -> AsyncIterator[Any]:
+    """A replica in a process of its own (one that can be killed), on the tiny model;
+    yields what envoy_in_front needs of a replica (``.server.port``) and ``.process``."""
+    port = free_port()
+    command = [
+        sys.executable, "-m", "llm_stream.serve", "--host", "127.0.0.1", "--port", str(port),
+        "--http-port", "0", "--model", f"tiny={tiny_model_dir}",
+        "--cache-dir", str(workdir / "cache"), "--max-tokens-cap", "4000",
+    ]  # fmt: skip
+    process = spawn(command, workdir / "replica.log")
+    try:
+        async with InferenceClient(f"127.0.0.1:{port}") as client:
+            await client.wait_ready(timeout=120)
+        yield types.SimpleNamespace(server=types.SimpleNamespace(port=port), process=process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+async def test_a_replica_killed_mid_stream_is_unavailable_to_the_client_not_internal(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Envoy can only reset a stream it has begun; gRPC calls that INTERNAL. The
+    project's client reports it as UNAVAILABLE (retryable), within moments."""
+    async with (
+        replica_process(tiny_model_dir, tmp_path) as replica,
+        envoy_in_front([replica], tmp_path) as envoy,
+    ):
+        await envoy.wait_health(replica.server.port, healthy=True)
+
+        async def killed_after(tokens: int, stream: AsyncIterator[Any]) -> tuple[int, Any, float]:
+            seen, killed_at = 0, 0.0
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stream:
+                    seen += 1
+                    if seen == tokens:
+                        replica.process.kill()
+                        killed_at = time.monotonic()
+            return seen, caught.value, time.monotonic() - killed_at
+
+        async with InferenceClient(f"127.0.0.1:{envoy.port}") as client:
+            seen, error, took = await killed_after(
+                20, client.stream("Hello", max_tokens=3000, timeout=60)
+            )
+    assert seen >= 20
+    assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+    assert "reset" in (error.details() or "") and "sent again" in (error.details() or "")
+    assert took < 2.0
+
+
+def test_only_a_reset_is_taken_for_unavailable() -> None:
+    def error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    reset = error(
+        grpc.StatusCode.INTERNAL,
+        "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))",
+    )
+    assert reset_as_unavailable(reset).code() is grpc.StatusCode.UNAVAILABLE
+    bug = error(grpc.StatusCode.INTERNAL, "internal error; see the server log for request x")
+    assert reset_as_unavailable(bug) is bug
+    other = error(grpc.StatusCode.INVALID_ARGUMENT, "RST_STREAM in a prompt")
+    assert reset_as_unavailable(other) is other

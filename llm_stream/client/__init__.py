@@ -135,6 +135,29 @@ def make_request(
     return request
 
 
+def reset_as_unavailable(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """A call its transport reset, reported as UNAVAILABLE; any other error as it is.
+
+    When a replica dies mid-stream, a proxy in front of it (Envoy) can only reset the
+    stream it has begun, and gRPC reports a reset as INTERNAL ("Received RST_STREAM
+    with error code 2"): to a client, "a server bug, do not retry". It is not one: the
+    server never finished, and the same request can be sent again (see the README's
+    "A replica that dies mid-stream"). A server's own INTERNAL carries a status and
+    its message, never a reset, so nothing else is changed.
+    """
+    details = exc.details() or ""
+    if exc.code() is not grpc.StatusCode.INTERNAL or "RST_STREAM" not in details:
+        return exc
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        exc.initial_metadata(),
+        exc.trailing_metadata(),
+        details=f"the call was reset before it ended (its server, or a proxy's upstream, "
+        f"went away); it can be sent again: {details}",
+        debug_error_string=exc.debug_error_string(),
+    )
+
+
 def _checked_key(api_key: str) -> str:
     """The key without the newline a file or Secret often ends with; gRPC metadata
     takes printable ASCII only, so anything else is a clear error here."""
@@ -303,9 +326,12 @@ class InferenceClient:
         self, prompt: str | Conversation, *, timeout: float | None = None, **options: Any
     ) -> pb.PredictResponse:
         """One completion of a prompt, or of a conversation (the assistant's next turn)."""
-        response: pb.PredictResponse = await self._stub.Predict(
-            make_request(prompt, **options), timeout=timeout, metadata=self._metadata
-        )
+        try:
+            response: pb.PredictResponse = await self._stub.Predict(
+                make_request(prompt, **options), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise reset_as_unavailable(exc) from None
         return response
 
     async def stream(
@@ -319,17 +345,22 @@ class InferenceClient:
         try:
             async for token in call:
                 yield token
+        except grpc.aio.AioRpcError as exc:
+            raise reset_as_unavailable(exc) from None
         finally:
             call.cancel()  # leaving early tells the server to stop generating
 
     async def batch(
         self, requests: Sequence[pb.PredictRequest], *, timeout: float | None = None
     ) -> pb.BatchPredictResponse:
-        response: pb.BatchPredictResponse = await self._stub.BatchPredict(
-            pb.BatchPredictRequest(requests=list(requests)),
-            timeout=timeout,
-            metadata=self._metadata,
-        )
+        try:
+            response: pb.BatchPredictResponse = await self._stub.BatchPredict(
+                pb.BatchPredictRequest(requests=list(requests)),
+                timeout=timeout,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise reset_as_unavailable(exc) from None
         return response
 
     async def check(self, service: str = INFERENCE_SERVICE) -> int:
