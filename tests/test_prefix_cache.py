@@ -396,3 +396,51 @@ def test_the_runner_forgets_an_admitted_sequence_whose_prefill_failed(model: Any
     result = runner.collect()
     assert [key for key, _ in result.failed] == [2]
     assert runner._costs == {} and runner._reuse == {}
+
+
+def test_a_burst_behind_a_running_row_shares_one_copy_of_its_prefix(model: Any) -> None:
+    """The first newcomer copies the prefix out of the running row's slot and keeps
+    it; the others reuse that copy rather than making one each (within the budget)."""
+    runner = runner_for(model, "growable")
+    chat = Conversation(runner)
+    system = prompt_of(18, 40)
+    chat.admit(1, [*system, 7, 7])
+    chat.decode(2)
+    followers = {key: system + prompt_of(40 + key, 5 + key) for key in range(2, 6)}
+    for key, prompt in followers.items():
+        assert runner.reuse_prefix(key, chunk(key, prompt).prepared) == 32
+    assert runner.prefix is not None and len(runner.prefix.index) == 1
+    kept = {id(runner._reuse[key].kv) for key in followers}
+    assert len(kept) == 1
+    chat.drive.run(*(chunk(key, prompt, 32) for key, prompt in followers.items()))
+    chat.decode(4)
+    for key, prompt in followers.items():
+        tokens = chat.drive.tokens[key]
+        assert tokens == alone(model, prompt, len(tokens)), key
+
+
+def test_a_failing_prefix_cache_never_fails_a_sequence(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keeping a leaving row's KV, or looking a prompt up, is an optimisation: when it
+    fails (out of memory, say) the batch goes on and the prompt is prefilled whole."""
+    runner = runner_for(model, "growable")
+    assert runner.prefix is not None
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(runner.prefix, "store_slot", out_of_memory)
+    chat = Conversation(runner)
+    long_prompt, short_prompt = prompt_of(19, 30), prompt_of(20, 36)
+    chat.admit(1, long_prompt)
+    chat.admit(2, short_prompt)
+    chat.decode(2)
+    chat.drive.run(remove=(2,))  # its KV cannot be kept: it leaves all the same
+    chat.decode(6)
+    assert chat.drive.tokens[1] == alone(model, long_prompt, len(chat.drive.tokens[1]))
+    monkeypatch.setattr(runner.prefix.index, "lookup", out_of_memory)
+    chat.admit(3, short_prompt)
+    assert chat.reused[3] == 0
+    chat.decode(3)
+    assert chat.drive.tokens[3] == alone(model, short_prompt, len(chat.drive.tokens[3]))

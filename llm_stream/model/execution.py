@@ -217,17 +217,19 @@ def plan_gpu_slots(
             + "; lower --max-concurrent or raise --gpu-memory-utilization"
             + (" or lower --prefix-cache-tokens" if prefix_bytes else "")
         )
-    slots_bytes = options.max_rows * (positions + 1) * per_token
+    # Every row's slot and the staging slot (static_runner's batch has one more).
+    slots_bytes = (options.max_rows + 1) * (positions + 1) * per_token
     prefix_tokens = 0
     if options.prefix_cache:
+        # Its share, and whatever the slots leave (a slot is capped at the context);
+        # a capped KV budget caps the cache too, as on the CPU.
+        left = max(0, available - slots_bytes) // per_token
         if options.prefix_cache_tokens is not None:
             prefix_tokens = options.prefix_cache_tokens
         elif options.max_batch_tokens is not None:
-            # A capped KV budget caps the cache too, as on the CPU.
-            prefix_tokens = options.max_batch_tokens // _PREFIX_SHARE_CPU
+            prefix_tokens = min(left, options.max_batch_tokens // _PREFIX_SHARE_CPU)
         else:
-            # Its share, and whatever the slots leave (a slot is capped at the context).
-            prefix_tokens = max(0, available - slots_bytes) // per_token
+            prefix_tokens = left
     log.info(
         "KV cache: %d rows x %d tokens, %.2f GiB (%d bytes a token); prefix cache %d tokens, "
         "%.2f GiB; %.2f GiB kept for activations and graphs",

@@ -107,6 +107,10 @@ class PrefixCache:
         )
         self.index.insert(tokens, kv, limit)
 
+    def keep(self, tokens: Sequence[int], kv: CachedKV, running_costs: Sequence[int]) -> None:
+        """Keep ``kv`` (already copied) for ``tokens``, when it fits beside running ones."""
+        self.index.insert(tokens, kv, self.limit(running_costs))
+
     def clear(self) -> None:
         self.index.clear()
 

@@ -134,8 +134,23 @@ class HFStepRunner:
         if self.prefix is None:
             return 0
         self._costs[key] = prepared.token_cost
-        self.prefix.fit(list(self._costs.values()))
-        prompt = prepared.prompt_ids
+        costs = list(self._costs.values())
+        try:
+            reuse = self._find_prefix(prepared.prompt_ids, costs)
+        except Exception:  # the cache is an optimisation: it never fails a request
+            log.warning("prefix cache lookup failed; prefilling the whole prompt", exc_info=True)
+            return 0
+        if reuse is None:
+            return 0
+        self._reuse[key] = reuse
+        return reuse.tokens
+
+    def _find_prefix(self, prompt: Sequence[int], costs: list[int]) -> Reuse | None:
+        """The longest reusable prefix of ``prompt``: kept, or in a running row's slot.
+        One taken from a slot is kept too (when it fits), so the next prompt behind the
+        same prefix (a burst behind one system prompt) shares it instead of copying it."""
+        assert self.prefix is not None
+        self.prefix.fit(costs)
         reuse = self.prefix.lookup(prompt)
         batch = self._batch
         rows: list[tuple[list[int], int]] = []  # per slot: its tokens, and those in the slot
@@ -145,11 +160,10 @@ class HFStepRunner:
         from_row = running_reuse(
             prompt, rows, batch.slabs, better_than=0 if reuse is None else reuse.tokens
         )
-        reuse = from_row or reuse
-        if reuse is None:
-            return 0
-        self._reuse[key] = reuse
-        return reuse.tokens
+        if from_row is None:
+            return reuse
+        self.prefix.keep(prompt[: from_row.tokens], from_row.kv, costs)
+        return from_row
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> None:
@@ -239,7 +253,10 @@ class HFStepRunner:
                 continue
             # Positions with KV: the prompt and every sampled token fed back so far.
             length = min(batch.lengths[slot], len(history))
-            self.prefix.store_slot(history[:length], batch.slabs, slot, costs)
+            try:
+                self.prefix.store_slot(history[:length], batch.slabs, slot, costs)
+            except Exception:  # out of memory, say: the batch goes on, uncached
+                log.warning("could not keep a finished sequence's KV", exc_info=True)
 
     # -- decoding ------------------------------------------------------------------------
 
