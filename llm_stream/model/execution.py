@@ -50,10 +50,10 @@ _MIB = 1024 * 1024
 _MIN_ROW_TOKENS = 256
 # Head-room on the measured activation peaks (allocator rounding, fragmentation).
 _ACTIVATION_MARGIN = 1.25
-# The prefix cache's default size: this fraction of the GPU's KV memory, of the CPU
-# batch's token budget.
-_PREFIX_SHARE = 5
-_PREFIX_SHARE_CPU = 4
+# The prefix cache's default size: this fraction of the GPU's KV memory, or of the
+# batch's token budget (--max-batch-tokens) where one bounds the batch.
+_PREFIX_SHARE_OF_MEMORY = 5
+_PREFIX_SHARE_OF_BUDGET = 4
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def plan_gpu_slots(
         prefix_bytes = (
             options.prefix_cache_tokens * per_token
             if options.prefix_cache_tokens is not None
-            else max(0, available) // _PREFIX_SHARE
+            else max(0, available) // _PREFIX_SHARE_OF_MEMORY
         )
     positions = (available - prefix_bytes) // max(1, options.max_rows * per_token)
     hint = (
@@ -227,7 +227,7 @@ def plan_gpu_slots(
         if options.prefix_cache_tokens is not None:
             prefix_tokens = options.prefix_cache_tokens
         elif options.max_batch_tokens is not None:
-            prefix_tokens = min(left, options.max_batch_tokens // _PREFIX_SHARE_CPU)
+            prefix_tokens = min(left, options.max_batch_tokens // _PREFIX_SHARE_OF_BUDGET)
         else:
             prefix_tokens = left
     log.info(
@@ -259,8 +259,9 @@ def build_runner(
         runner = HFStepRunner(model, batch, budget, pad_id=pad_id)
         kv = f"kv=grows to {budget.max_batch_tokens} tokens"
         if options.prefix_cache:
-            tokens = options.prefix_cache_tokens or budget.max_batch_tokens // _PREFIX_SHARE_CPU
-            runner.prefix = PrefixCache(tokens, cpu_prefix_room(budget.max_batch_tokens))
+            total = budget.max_batch_tokens
+            tokens = options.prefix_cache_tokens or total // _PREFIX_SHARE_OF_BUDGET
+            runner.prefix = PrefixCache(tokens, cpu_prefix_room(total))
         prefix = describe_prefix_cache(runner.prefix)
         return runner, f"attention={attention}, {layers_text}, {kv}, {prefix}"
     layers = probe_layers(model, device)

@@ -98,14 +98,7 @@ class PrefixCache:
         limit = self.limit(running_costs)
         if not self.index.would_store(tokens, limit):
             return
-        length = len(tokens)
-        kv = CachedKV(
-            [
-                (keys[slot, :, :length].clone(), values[slot, :, :length].clone())
-                for keys, values in slabs
-            ]
-        )
-        self.index.insert(tokens, kv, limit)
+        self.index.insert(tokens, slot_kv(slabs, slot, len(tokens)), limit)
 
     def keep(self, tokens: Sequence[int], kv: CachedKV, running_costs: Sequence[int]) -> None:
         """Keep ``kv`` (already copied) for ``tokens``, when it fits beside running ones."""
@@ -141,11 +134,17 @@ def running_reuse(
             best, best_slot = shared, slot
     if best_slot is None:
         return None
-    layers = [
-        (keys[best_slot, :, :best].clone(), values[best_slot, :, :best].clone())
-        for keys, values in slabs
-    ]
-    return Reuse(CachedKV(layers), best)
+    return Reuse(slot_kv(slabs, best_slot, best), best)
+
+
+def slot_kv(slabs: Sequence[tuple[torch.Tensor, torch.Tensor]], slot: int, length: int) -> CachedKV:
+    """A copy of slot ``slot``'s first ``length`` positions (the slot is reused later)."""
+    return CachedKV(
+        [
+            (keys[slot, :, :length].clone(), values[slot, :, :length].clone())
+            for keys, values in slabs
+        ]
+    )
 
 
 def seeded_cache(*reuses: Reuse) -> DynamicCache:
