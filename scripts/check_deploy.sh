@@ -10,8 +10,8 @@
 #                       against the server's own parser, and the Envoy config it renders
 #                       (scripts/check_chart_envoy.py: equal to render_envoy.py's for the
 #                       same paths, upstream TLS included, and valid for envoy)
-#   deploy/envoy.yaml   envoy --mode validate (no deprecated fields), the chart's copy is
-#                       identical, and scripts/render_envoy.py's test renderings (plaintext
+#   deploy/envoy.yaml   envoy --mode validate (no deprecated fields), the chart's copies of
+#                       it and of deploy/envoy-drain.sh (the preStop) are identical, and scripts/render_envoy.py's test renderings (plaintext
 #                       with grpc-web origins, and upstream mTLS) validate
 #   scripts/*.sh        shellcheck;  YAML files  yamllint
 # A missing tool is a failure, never a skip. Every check runs; the summary lists the
@@ -99,11 +99,15 @@ envoy_validate() {  # file: valid, no deprecated fields (they go away in a later
 envoy_source() { envoy_validate deploy/envoy.yaml; }
 
 envoy_chart_copy() {
-  cmp deploy/envoy.yaml "$chart/files/envoy.yaml" || {
-    echo "$chart/files/envoy.yaml differs from deploy/envoy.yaml:" \
-      "cp deploy/envoy.yaml $chart/files/envoy.yaml" >&2
-    return 1
-  }
+  local name ok=0
+  for name in envoy.yaml envoy-drain.sh; do
+    cmp "deploy/$name" "$chart/files/$name" || {
+      echo "$chart/files/$name differs from deploy/$name:" \
+        "cp deploy/$name $chart/files/$name" >&2
+      ok=1
+    }
+  done
+  return $ok
 }
 
 envoy_rendered_for_tests() {
@@ -212,6 +216,8 @@ helm_guards() {
     --set lifecycle.terminationGracePeriodSeconds=40 &&
     expect_render_failure 'must be larger than' \
       --set server.drainGraceSeconds=120 --set lifecycle.terminationGracePeriodSeconds=100 &&
+    expect_render_failure 'Envoy is killed while streams still run' \
+      --set envoy.enabled=true --set envoy.terminationGracePeriodSeconds=60 &&
     expect_render_failure 'must not exceed server.maxTokensCap' \
       --set server.defaultMaxTokens=4096 &&
     expect_render_failure "Additional property maxConcurent" \
@@ -244,7 +250,7 @@ helm_guards() {
 }
 
 # --- the rest -----------------------------------------------------------------------------
-shellcheck_scripts() { "$bin/shellcheck" scripts/*.sh; }
+shellcheck_scripts() { "$bin/shellcheck" scripts/*.sh deploy/*.sh; }
 
 yamllint_files() {
   "$bin/yamllint" --strict -c .yamllint.yaml deploy/envoy.yaml .yamllint.yaml \
@@ -255,14 +261,14 @@ started=$SECONDS
 step "hadolint Dockerfile.gpu" hadolint_gpu
 step "Dockerfile.gpu pins = scripts/setup.sh" dockerfile_pins
 step "envoy validate deploy/envoy.yaml" envoy_source
-step "chart's files/envoy.yaml = deploy/envoy.yaml" envoy_chart_copy
+step "chart's files/envoy.yaml, envoy-drain.sh = deploy/'s" envoy_chart_copy
 step "envoy validate render_envoy.py output" envoy_rendered_for_tests
 step "helm lint --strict" helm_lint
 step "helm template | Kubernetes schemas ${kube_versions[*]}" helm_render_validate
 step "chart env = server flags (llm_stream.cli)" chart_env_parses
 step "chart's Envoy config = render_envoy.py's, valid" chart_envoy
 step "chart refuses bad values" helm_guards
-step "shellcheck scripts/*.sh" shellcheck_scripts
+step "shellcheck scripts/*.sh deploy/*.sh" shellcheck_scripts
 step "yamllint" yamllint_files
 
 echo

@@ -65,6 +65,8 @@ from typing import Any
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 SOURCE = Path(__file__).resolve().parent.parent / "deploy" / "envoy.yaml"
+# Envoy's graceful stop (a preStop, or run before a SIGTERM): copied next to the config.
+DRAIN_SCRIPT = SOURCE.parent / "envoy-drain.sh"
 LISTENER = "grpc_ingress"
 CLUSTER = "llm_stream"
 VIRTUAL_HOST = "llm_stream"
@@ -292,8 +294,8 @@ def render_files(
     allowed_origins: Sequence[str] = (),
     allowed_origin_regexes: Sequence[str] = (),
 ) -> dict[str, str]:
-    """Every file of the config, by name: ``envoy.yaml`` and, with ``upstream_tls``, the
-    SDS files, which Envoy will find in ``sds_dir``."""
+    """Every file of the config, by name: ``envoy.yaml``, ``envoy-drain.sh`` (as is) and,
+    with ``upstream_tls``, the SDS files, which Envoy will find in ``sds_dir``."""
     header = (
         f"# Rendered by scripts/render_envoy.py from {SOURCE.parent.name}/{SOURCE.name}; "
         "do not edit.\n"
@@ -309,7 +311,7 @@ def render_files(
         allowed_origins=allowed_origins,
         allowed_origin_regexes=allowed_origin_regexes,
     )
-    files = {CONFIG_FILE: header + _yaml(config)}
+    files = {CONFIG_FILE: header + _yaml(config), DRAIN_SCRIPT.name: DRAIN_SCRIPT.read_text()}
     if upstream_tls is not None:
         for name, content in upstream_tls_resources(upstream_tls, sds_dir)[1].items():
             files[name] = header + _yaml(content)

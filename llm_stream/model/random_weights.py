@@ -25,6 +25,16 @@ from llm_stream.model.support import attention_implementation
 # on the tokenizer's vocabulary.
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": {},
+    # Two small layers: a whole replica in a few MB and milliseconds a token on a CPU,
+    # for exercising deployments (scripts/chaos.py) rather than measuring a model.
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    },
     "llama-3.2-1b": {
         "hidden_size": 2048,
         "intermediate_size": 8192,

@@ -85,6 +85,24 @@ terminationGracePeriodSeconds: preStop sleep + drain grace + margin, or the
 explicit value, which must be larger than preStop sleep + drain grace; anything
 shorter would let the kubelet SIGKILL a server that is still draining streams.
 */}}
+{{/*
+Envoy's terminationGracePeriodSeconds: its preStop (sleep, then a graceful drain that
+waits up to envoy.drainSeconds for the streams through it) + margin, or the explicit
+value, which must be larger than the preStop's longest run.
+*/}}
+{{- define "llm-stream.envoyTerminationGracePeriodSeconds" -}}
+{{- $e := .Values.envoy }}
+{{- $needed := add (int $e.preStopSleepSeconds) (int $e.drainSeconds) }}
+{{- $explicit := $e.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $explicit }}
+{{- add $needed (int .Values.lifecycle.terminationMarginSeconds) }}
+{{- else if le (int $explicit) $needed }}
+{{- fail (printf "envoy.terminationGracePeriodSeconds (%d) must be larger than envoy.preStopSleepSeconds (%d) + envoy.drainSeconds (%d), or Envoy is killed while streams still run through it; leave it null to compute it" (int $explicit) (int $e.preStopSleepSeconds) (int $e.drainSeconds)) }}
+{{- else }}
+{{- int $explicit }}
+{{- end }}
+{{- end }}
+
 {{- define "llm-stream.terminationGracePeriodSeconds" -}}
 {{- $preStop := int .Values.lifecycle.preStopSleepSeconds }}
 {{- $drain := int (ceil (float64 .Values.server.drainGraceSeconds)) }}
