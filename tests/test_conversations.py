@@ -13,7 +13,7 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from llm_stream.client import InferenceClient, make_request
+from llm_stream.client import InferenceClient, continuation, make_request
 from llm_stream.engine.types import ChatTurn
 from llm_stream.model.chat import plain_conversation
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
@@ -183,3 +183,60 @@ async def test_terminal_chat_keeps_the_history(
     assert prompt_counts[0] == plain_token_count(tiny_model_dir, history)
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
     assert prompt_counts[1] == plain_token_count(tiny_model_dir, history)
+
+
+@pytest.mark.parametrize("model", ["chat", "plain"])
+async def test_a_cut_answer_is_carried_on_from_its_text(
+    model: str, templated_server: RunningServer, tiny_server: RunningServer
+) -> None:
+    """continue_final_message renders the last assistant turn open: greedy, the model
+    carries on from the text so far, so the cut answer's first tokens plus the
+    continuation are the whole answer (the resumed stream's request). Where the text so
+    far reads back as other tokens (a character held back, bytes the tokenizer merges
+    differently), the continuation is the model's reading of that text instead."""
+    server = templated_server if model == "chat" else tiny_server
+    whole = await collect_stream(server.stub, make_request(CONVERSATION, max_tokens=12))
+    ids, prompt_tokens = [t.token_id for t in whole[:-1]], whole[-1].usage.prompt_tokens
+    same_tokens = 0
+    for cut in range(1, 12):
+        text = "".join(t.token for t in whole[:cut])
+        prompt, options = continuation(CONVERSATION, text, cut, {"max_tokens": 12})
+        assert options == {"max_tokens": 12 - cut, "continue_final_message": True}
+        rest = await collect_stream(server.stub, make_request(prompt, **options))
+        assert rest[-1].is_final and len(rest) - 1 <= 12 - cut
+        if rest[-1].usage.prompt_tokens == prompt_tokens + cut:  # the text read back alike
+            same_tokens += 1
+            assert [t.token_id for t in rest[:-1]] == ids[cut:], cut
+            assert text + "".join(t.token for t in rest) == "".join(t.token for t in whole)
+    assert same_tokens >= 1  # random weights emit stray bytes; the e2e test has real text
+
+
+async def test_continuing_needs_an_assistant_message_last(tiny_server: RunningServer) -> None:
+    for turns in ([("user", "hi")], [("assistant", "hi"), ("user", "go on")]):
+        request = conversation_request(*turns)
+        request.config.continue_final_message = True
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await tiny_server.stub.Predict(request, timeout=30)
+        assert_clear(
+            raised.value, grpc.StatusCode.INVALID_ARGUMENT, "continue_final_message", "assistant"
+        )
+    prompt = make_request("hi", continue_final_message=True)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await tiny_server.stub.Predict(prompt, timeout=30)
+    assert_clear(raised.value, grpc.StatusCode.INVALID_ARGUMENT, "must be an assistant message")
+
+
+def test_a_continuation_request_per_prompt_kind() -> None:
+    # Nothing came yet: the same request again.
+    assert continuation("Hi", "", 0, {"max_tokens": 8}) == ("Hi", {"max_tokens": 8})
+    # A prompt in the chat template: a user turn and the open assistant turn.
+    prompt, options = continuation("Hi", "Hello", 2, {"max_tokens": 8, "seed": 1})
+    assert prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert options == {"max_tokens": 6, "seed": 1, "continue_final_message": True}
+    # A raw prompt (no template): the text goes on after it; max_tokens 0 stays the default.
+    raw = {"apply_chat_template": False, "max_tokens": 0}
+    assert continuation("Once", " upon", 1, raw) == ("Once upon", raw)
+    # A second cut carries the same assistant turn on further.
+    again = continuation(prompt, " there", 3, options)
+    assert again[0][-1] == {"role": "assistant", "content": "Hello there"}
+    assert len(again[0]) == 2 and again[1]["max_tokens"] == 3

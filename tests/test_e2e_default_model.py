@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_stream.client import continuation, make_request
 from llm_stream.engine.types import FinishReason
 from llm_stream.model.loader import file_digest
 from llm_stream.model.sources import embedded_gguf_path
@@ -48,6 +49,22 @@ async def test_answers_coherently(default_server: RunningServer) -> None:
     )
     assert "Paris" in response.text
     assert response.finish_reason in (pb.FINISH_REASON_END_OF_SEQUENCE, pb.FINISH_REASON_LENGTH)
+
+
+async def test_a_cut_answer_carries_on_where_it_stopped(default_server: RunningServer) -> None:
+    """What a resumed stream sends (continue_final_message): on real text, greedy, the
+    first tokens plus the continuation are the whole answer at (almost) every cut."""
+    question = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    whole = await collect_stream(default_server.stub, make_request(question, max_tokens=20))
+    answer = "".join(t.token for t in whole)
+    cuts = range(1, len(whole) - 1, 3)
+    matched = 0
+    for cut in cuts:
+        text = "".join(t.token for t in whole[:cut])
+        prompt, options = continuation(question, text, cut, {"max_tokens": 20})
+        rest = await collect_stream(default_server.stub, make_request(prompt, **options))
+        matched += text + "".join(t.token for t in rest) == answer
+    assert matched >= len(cuts) - 1, (matched, len(cuts))
 
 
 async def test_model_version_is_the_weights_digest(default_server: RunningServer) -> None:

@@ -46,6 +46,8 @@ SERVICE_CONFIG = {
     ],
 }
 # Fail fast: round_robin only; every failure reaches the caller as the server sent it.
+# How many times ``stream(resume=True)`` carries on a cut stream.
+RESUMES = 3
 FAIL_FAST_SERVICE_CONFIG = {"loadBalancingConfig": SERVICE_CONFIG["loadBalancingConfig"]}
 
 
@@ -110,6 +112,7 @@ def make_request(
     repetition_penalty: float = 0.0,
     apply_chat_template: bool | None = None,
     use_model_temperature: bool = False,
+    continue_final_message: bool = False,
 ) -> pb.PredictRequest:
     """A request; sampling fields left at 0 take the model's defaults (see the README),
     and ``use_model_temperature`` samples at the model's temperature when ``temperature``
@@ -122,6 +125,7 @@ def make_request(
         stop=list(stop),
         repetition_penalty=repetition_penalty,
         use_model_temperature=use_model_temperature,
+        continue_final_message=continue_final_message,
     )
     if seed is not None:
         config.seed = seed
@@ -133,6 +137,33 @@ def make_request(
     else:
         request.messages.extend(chat_messages(prompt))
     return request
+
+
+def continuation(
+    prompt: str | Conversation, text: str, tokens: int, options: Mapping[str, Any]
+) -> tuple[str | Conversation, dict[str, Any]]:
+    """(prompt, options) of the request that carries on a stream cut after ``tokens``
+    token messages whose text was ``text``: the conversation with ``text`` as an open
+    assistant turn (``continue_final_message``), or for a raw prompt (no chat template)
+    the prompt followed by ``text``; an explicit ``max_tokens`` less what came. Nothing
+    came: the same request again."""
+    options = dict(options)
+    if not tokens:
+        return prompt, options
+    if options.get("max_tokens"):
+        options["max_tokens"] = max(1, int(options["max_tokens"]) - tokens)
+    if isinstance(prompt, str) and options.get("apply_chat_template") is False:
+        return prompt + text, options
+    turns: list[Mapping[str, str] | pb.ChatMessage] = (
+        [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    )
+    if options.get("continue_final_message"):  # already carrying an assistant turn on
+        last = chat_messages(turns[-1:])[0]
+        turns[-1] = {"role": "assistant", "content": last.content + text}
+    else:
+        turns.append({"role": "assistant", "content": text})
+    options["continue_final_message"] = True
+    return turns, options
 
 
 def reset_as_unavailable(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
@@ -282,20 +313,30 @@ class InferenceClient:
             await asyncio.gather(waiting, prober, return_exceptions=True)
 
     async def _until_serving(self, request: health_pb2.HealthCheckRequest, timeout: float) -> None:
-        watch = self._health.Watch(request, timeout=timeout, wait_for_ready=True)
-        try:
-            async for response in watch:
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise
-            raise TimeoutError(
-                f"{self.target} did not report SERVING within {timeout:g} s"
-            ) from None
-        finally:
-            watch.cancel()
-        raise ConnectionError(f"{self.target} ended the health watch: it is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            watch = self._health.Watch(
+                request, timeout=max(0.0, deadline - loop.time()), wait_for_ready=True
+            )
+            try:
+                async for response in watch:
+                    if response.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(
+                        f"{self.target} did not report SERVING within {timeout:g} s"
+                    ) from None
+                # A proxy in front (Envoy) answers "no healthy upstream" until one of
+                # its replicas is ready: that is still starting, so watch again.
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
+                continue
+            finally:
+                watch.cancel()
+            raise ConnectionError(f"{self.target} ended the health watch: it is shutting down")
 
     async def _handshake_failure(self, request: health_pb2.HealthCheckRequest) -> ConnectionError:
         """Once a second, an immediate Check, until the connection's set-up fails in a way
@@ -335,20 +376,54 @@ class InferenceClient:
         return response
 
     async def stream(
-        self, prompt: str | Conversation, *, timeout: float | None = None, **options: Any
+        self,
+        prompt: str | Conversation,
+        *,
+        timeout: float | None = None,
+        resume: bool | int = False,
+        **options: Any,
     ) -> AsyncIterator[pb.PredictToken]:
         """Token messages as they arrive; the last has ``is_final`` set. ``prompt`` is a
-        string, or a conversation whose next assistant turn is generated."""
-        call = self._stub.StreamPredict(
-            make_request(prompt, **options), timeout=timeout, metadata=self._metadata
-        )
-        try:
-            async for token in call:
-                yield token
-        except grpc.aio.AioRpcError as exc:
-            raise reset_as_unavailable(exc) from None
-        finally:
-            call.cancel()  # leaving early tells the server to stop generating
+        string, or a conversation whose next assistant turn is generated.
+
+        ``resume=True`` (or a number of resumes; True is 3): a stream cut UNAVAILABLE
+        after some tokens (its replica died, a proxy reset it) is carried on by a new
+        request that continues the text so far as an open assistant turn, usually on
+        another replica; the caller sees one stream, token_index counting on and the
+        final usage counting every token. The continuation is the model's reading of
+        the text so far, not the lost stream's exact next tokens (see the README).
+        ``timeout`` bounds the whole stream, resumes included."""
+        resumes = RESUMES if resume is True else int(resume)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        request_prompt, request_options = prompt, options
+        text, received = "", 0  # every token message so far, all attempts together
+        while True:
+            before = received  # this attempt's token_index 0 is the answer's ``before``
+            call = self._stub.StreamPredict(
+                make_request(request_prompt, **request_options),
+                timeout=None if deadline is None else deadline - loop.time(),
+                metadata=self._metadata,
+            )
+            try:
+                async for token in call:
+                    if before:  # a resumed stream: indexes and usage cover the whole answer
+                        token.token_index += before
+                        if token.is_final:
+                            token.usage.completion_tokens += before
+                    if not token.is_final:
+                        text += token.token
+                        received += 1
+                    yield token
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = reset_as_unavailable(exc)
+                if error.code() is not grpc.StatusCode.UNAVAILABLE or resumes <= 0:
+                    raise error from None
+                resumes -= 1
+                request_prompt, request_options = continuation(prompt, text, received, options)
+            finally:
+                call.cancel()  # leaving early tells the server to stop generating
 
     async def batch(
         self, requests: Sequence[pb.PredictRequest], *, timeout: float | None = None

@@ -71,6 +71,8 @@ class GenerationRequest:
     client: str = ""
     # A conversation to render with the chat template instead of ``prompt``.
     messages: tuple[ChatTurn, ...] = ()
+    # The last message is an assistant turn to carry on, rendered open (prefill).
+    continue_final_message: bool = False
 
 
 class FinishReason(enum.Enum):

@@ -84,9 +84,11 @@ class HFBackend:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages:
             if request.apply_chat_template is False or not self.has_chat_template:
-                text = plain_conversation(request.messages)
+                text = plain_conversation(request.messages, request.continue_final_message)
                 return list(self._tokenizer(text)["input_ids"])
-            text = templated_conversation(self._tokenizer, request.messages)
+            text = templated_conversation(
+                self._tokenizer, request.messages, request.continue_final_message
+            )
             return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         use_template = request.apply_chat_template
         if use_template is None:

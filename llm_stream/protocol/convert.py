@@ -87,7 +87,19 @@ def to_generation_request(
         apply_chat_template=(
             config.apply_chat_template if config.HasField("apply_chat_template") else None
         ),
+        continue_final_message=_continues(config, messages),
     )
+
+
+def _continues(config: pb.InferenceConfig, messages: tuple[ChatTurn, ...]) -> bool:
+    if not config.continue_final_message:
+        return False
+    if not messages or messages[-1].role != "assistant":
+        raise InvalidRequestError(
+            "config.continue_final_message carries on the conversation's last message, which "
+            "must be an assistant message; end messages with one, or leave the flag unset"
+        )
+    return True
 
 
 def _conversation(message: pb.PredictRequest) -> tuple[ChatTurn, ...]:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-llm_stream/proto/inference/v1/inference.proto\x12\x0cinference.v1\"\x9d\x02\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12<\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32*.inference.v1.PredictRequest.FeaturesEntry\x12-\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1d.inference.v1.InferenceConfig\x12+\n\x08messages\x18\x05 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x1aK\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.inference.v1.FeatureValue:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"w\n\x0c\x46\x65\x61tureValue\x12\x15\n\x0b\x66loat_value\x18\x01 \x01(\x02H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12/\n\x0b\x66loat_array\x18\x03 \x01(\x0b\x32\x18.inference.v1.FloatArrayH\x00\x42\x07\n\x05value\"\x1c\n\nFloatArray\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xae\x02\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x43\n\x0bpredictions\x18\x02 \x03(\x0b\x32..inference.v1.PredictResponse.PredictionsEntry\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x1a\x32\n\x10PredictionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xbf\x01\n\x0cPredictToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x13\n\x0btoken_index\x18\x03 \x01(\x05\x12\x15\n\x08token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.inference.v1.UsageB\x0b\n\t_token_id\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xf7\x01\n\x0fInferenceConfig\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12 \n\x13\x61pply_chat_template\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x1d\n\x15use_model_temperature\x18\t \x01(\x08\x42\x07\n\x05_seedB\x16\n\x14_apply_chat_template\"E\n\x13\x42\x61tchPredictRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.inference.v1.PredictRequest\"I\n\x14\x42\x61tchPredictResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .inference.v1.BatchPredictResult\"x\n\x12\x42\x61tchPredictResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.inference.v1.PredictResponseH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.inference.v1.ErrorH\x00\x42\t\n\x07outcome\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x12HealthCheckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xa7\x01\n\x13HealthCheckResponse\x12?\n\x06status\x18\x01 \x01(\x0e\x32/.inference.v1.HealthCheckResponse.ServingStatus\"O\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03*\xa8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xcc\x02\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.inference.v1.PredictRequest\x1a\x1d.inference.v1.PredictResponse\x12K\n\rStreamPredict\x12\x1c.inference.v1.PredictRequest\x1a\x1a.inference.v1.PredictToken0\x01\x12U\n\x0c\x42\x61tchPredict\x12!.inference.v1.BatchPredictRequest\x1a\".inference.v1.BatchPredictResponse\x12L\n\x05\x43heck\x12 .inference.v1.HealthCheckRequest\x1a!.inference.v1.HealthCheckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-llm_stream/proto/inference/v1/inference.proto\x12\x0cinference.v1\"\x9d\x02\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12<\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32*.inference.v1.PredictRequest.FeaturesEntry\x12-\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1d.inference.v1.InferenceConfig\x12+\n\x08messages\x18\x05 \x03(\x0b\x32\x19.inference.v1.ChatMessage\x1aK\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.inference.v1.FeatureValue:\x02\x38\x01\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"w\n\x0c\x46\x65\x61tureValue\x12\x15\n\x0b\x66loat_value\x18\x01 \x01(\x02H\x00\x12\x16\n\x0cstring_value\x18\x02 \x01(\tH\x00\x12/\n\x0b\x66loat_array\x18\x03 \x01(\x0b\x32\x18.inference.v1.FloatArrayH\x00\x42\x07\n\x05value\"\x1c\n\nFloatArray\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xae\x02\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x43\n\x0bpredictions\x18\x02 \x03(\x0b\x32..inference.v1.PredictResponse.PredictionsEntry\x12\x12\n\nlatency_ms\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.inference.v1.Usage\x1a\x32\n\x10PredictionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\xbf\x01\n\x0cPredictToken\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08is_final\x18\x02 \x01(\x08\x12\x13\n\x0btoken_index\x18\x03 \x01(\x05\x12\x15\n\x08token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.inference.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.inference.v1.UsageB\x0b\n\t_token_id\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x97\x02\n\x0fInferenceConfig\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12 \n\x13\x61pply_chat_template\x18\x08 \x01(\x08H\x01\x88\x01\x01\x12\x1d\n\x15use_model_temperature\x18\t \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\n \x01(\x08\x42\x07\n\x05_seedB\x16\n\x14_apply_chat_template\"E\n\x13\x42\x61tchPredictRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.inference.v1.PredictRequest\"I\n\x14\x42\x61tchPredictResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .inference.v1.BatchPredictResult\"x\n\x12\x42\x61tchPredictResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.inference.v1.PredictResponseH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.inference.v1.ErrorH\x00\x42\t\n\x07outcome\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\x12HealthCheckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xa7\x01\n\x13HealthCheckResponse\x12?\n\x06status\x18\x01 \x01(\x0e\x32/.inference.v1.HealthCheckResponse.ServingStatus\"O\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x12\x13\n\x0fSERVICE_UNKNOWN\x10\x03*\xa8\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x46INISH_REASON_END_OF_SEQUENCE\x10\x01\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xcc\x02\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.inference.v1.PredictRequest\x1a\x1d.inference.v1.PredictResponse\x12K\n\rStreamPredict\x12\x1c.inference.v1.PredictRequest\x1a\x1a.inference.v1.PredictToken0\x01\x12U\n\x0c\x42\x61tchPredict\x12!.inference.v1.BatchPredictRequest\x1a\".inference.v1.BatchPredictResponse\x12L\n\x05\x43heck\x12 .inference.v1.HealthCheckRequest\x1a!.inference.v1.HealthCheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTRESPONSE_PREDICTIONSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_PREDICTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1904
-  _globals['_FINISHREASON']._serialized_end=2072
+  _globals['_FINISHREASON']._serialized_start=1936
+  _globals['_FINISHREASON']._serialized_end=2104
   _globals['_PREDICTREQUEST']._serialized_start=64
   _globals['_PREDICTREQUEST']._serialized_end=349
   _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=274
@@ -56,21 +56,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=1047
   _globals['_USAGE']._serialized_end=1134
   _globals['_INFERENCECONFIG']._serialized_start=1137
-  _globals['_INFERENCECONFIG']._serialized_end=1384
-  _globals['_BATCHPREDICTREQUEST']._serialized_start=1386
-  _globals['_BATCHPREDICTREQUEST']._serialized_end=1455
-  _globals['_BATCHPREDICTRESPONSE']._serialized_start=1457
-  _globals['_BATCHPREDICTRESPONSE']._serialized_end=1530
-  _globals['_BATCHPREDICTRESULT']._serialized_start=1532
-  _globals['_BATCHPREDICTRESULT']._serialized_end=1652
-  _globals['_ERROR']._serialized_start=1654
-  _globals['_ERROR']._serialized_end=1692
-  _globals['_HEALTHCHECKREQUEST']._serialized_start=1694
-  _globals['_HEALTHCHECKREQUEST']._serialized_end=1731
-  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1734
-  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1901
-  _globals['_HEALTHCHECKRESPONSE_SERVINGSTATUS']._serialized_start=1822
-  _globals['_HEALTHCHECKRESPONSE_SERVINGSTATUS']._serialized_end=1901
-  _globals['_INFERENCESERVICE']._serialized_start=2075
-  _globals['_INFERENCESERVICE']._serialized_end=2407
+  _globals['_INFERENCECONFIG']._serialized_end=1416
+  _globals['_BATCHPREDICTREQUEST']._serialized_start=1418
+  _globals['_BATCHPREDICTREQUEST']._serialized_end=1487
+  _globals['_BATCHPREDICTRESPONSE']._serialized_start=1489
+  _globals['_BATCHPREDICTRESPONSE']._serialized_end=1562
+  _globals['_BATCHPREDICTRESULT']._serialized_start=1564
+  _globals['_BATCHPREDICTRESULT']._serialized_end=1684
+  _globals['_ERROR']._serialized_start=1686
+  _globals['_ERROR']._serialized_end=1724
+  _globals['_HEALTHCHECKREQUEST']._serialized_start=1726
+  _globals['_HEALTHCHECKREQUEST']._serialized_end=1763
+  _globals['_HEALTHCHECKRESPONSE']._serialized_start=1766
+  _globals['_HEALTHCHECKRESPONSE']._serialized_end=1933
+  _globals['_HEALTHCHECKRESPONSE_SERVINGSTATUS']._serialized_start=1854
+  _globals['_HEALTHCHECKRESPONSE_SERVINGSTATUS']._serialized_end=1933
+  _globals['_INFERENCESERVICE']._serialized_start=2107
+  _globals['_INFERENCESERVICE']._serialized_end=2439
 # @@protoc_insertion_point(module_scope)

@@ -360,6 +360,7 @@ class InferenceConfig(_message.Message):
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     USE_MODEL_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 selects greedy decoding; negative is invalid."""
     max_tokens: _builtins.int
@@ -387,6 +388,12 @@ class InferenceConfig(_message.Message):
     generation_config.json; 1.0 where it names none) instead of decoding
     greedily. What the OpenAI API does when a request leaves temperature out.
     """
+    continue_final_message: _builtins.bool
+    """Added: the conversation's last message is an assistant turn to carry on
+    (prefill): it is rendered open, without its end of turn, and the generated
+    text continues it. Needs messages ending with an "assistant" message. How a
+    client resumes a stream cut after some tokens (see the README).
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Added: generation stops before any of these strings; the stop text is
@@ -405,10 +412,11 @@ class InferenceConfig(_message.Message):
         repetition_penalty: _builtins.float = ...,
         apply_chat_template: _builtins.bool | None = ...,
         use_model_temperature: _builtins.bool = ...,
+        continue_final_message: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "use_model_temperature", b"use_model_temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "continue_final_message", b"continue_final_message", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "use_model_temperature", b"use_model_temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_chat_template: _TypeAlias = _typing.Literal["apply_chat_template"]  # noqa: Y015
     _WhichOneofArgType__apply_chat_template: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template"]  # noqa: Y015

@@ -360,6 +360,16 @@ export declare type InferenceConfig = Message<"inference.v1.InferenceConfig"> & 
    * @generated from field: bool use_model_temperature = 9;
    */
   useModelTemperature: boolean;
+
+  /**
+   * Added: the conversation's last message is an assistant turn to carry on
+   * (prefill): it is rendered open, without its end of turn, and the generated
+   * text continues it. Needs messages ending with an "assistant" message. How a
+   * client resumes a stream cut after some tokens (see the README).
+   *
+   * @generated from field: bool continue_final_message = 10;
+   */
+  continueFinalMessage: boolean;
 };
 
 /**
