@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -314,20 +315,28 @@ def spawn(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
 
 
-@contextlib.asynccontextmanager
-async def replica_process(tiny_model_dir: Path, workdir: Path) -> AsyncIterator[Any]:
-    """A replica in a process of its own (one that can be killed), on the tiny model;
-    yields what envoy_in_front needs of a replica (``.server.port``) and ``.process``."""
-    port = free_port()
-    command = [
+def replica_command(tiny_model_dir: Path, workdir: Path, port: int) -> list[str]:
+    return [
         sys.executable, "-m", "llm_stream.serve", "--host", "127.0.0.1", "--port", str(port),
         "--http-port", "0", "--model", f"tiny={tiny_model_dir}",
         "--cache-dir", str(workdir / "cache"), "--max-tokens-cap", "4000",
     ]  # fmt: skip
-    process = spawn(command, workdir / "replica.log")
+
+
+@contextlib.asynccontextmanager
+async def replica_process(
+    tiny_model_dir: Path, workdir: Path, port: int | None = None, wait: bool = True
+) -> AsyncIterator[Any]:
+    """A replica in a process of its own (one that can be killed), on the tiny model;
+    yields what envoy_in_front needs of a replica (``.server.port``) and ``.process``.
+    ``wait``: until it reports SERVING."""
+    port = port or free_port()
+    name = f"replica-{port}.log"
+    process = spawn(replica_command(tiny_model_dir, workdir, port), workdir / name)
     try:
-        async with InferenceClient(f"127.0.0.1:{port}") as client:
-            await client.wait_ready(timeout=120)
+        if wait:
+            async with InferenceClient(f"127.0.0.1:{port}") as client:
+                await client.wait_ready(timeout=120)
         yield types.SimpleNamespace(server=types.SimpleNamespace(port=port), process=process)
     finally:
         if process.poll() is None:
@@ -379,3 +388,60 @@ def test_only_a_reset_is_taken_for_unavailable() -> None:
     assert reset_as_unavailable(bug) is bug
     other = error(grpc.StatusCode.INVALID_ARGUMENT, "RST_STREAM in a prompt")
     assert reset_as_unavailable(other) is other
+
+
+async def test_wait_ready_through_envoy_waits_for_a_healthy_replica(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Envoy answers "no healthy upstream" (UNAVAILABLE) until a replica is ready: the
+    client's wait_ready waits that out instead of failing."""
+    port = free_port()
+    upstream = types.SimpleNamespace(server=types.SimpleNamespace(port=port))
+    async with (
+        envoy_in_front([upstream], tmp_path) as envoy,  # type: ignore[list-item]
+        InferenceClient(f"127.0.0.1:{envoy.port}") as client,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await client.check()
+        assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+        async with replica_process(tiny_model_dir, tmp_path, port=port, wait=False):
+            await client.wait_ready(timeout=120)
+            response = await client.predict("Hello", max_tokens=3, timeout=30)
+    assert response.usage.completion_tokens == 3
+
+
+async def test_a_stream_cut_by_a_dying_replica_resumes_on_another(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """stream(resume=True): the replica serving a stream is killed mid-way; the client
+    carries the answer on through Envoy on the other replica, as one stream."""
+    async with (
+        replica_process(tiny_model_dir, tmp_path) as first,
+        replica_process(tiny_model_dir, tmp_path) as second,
+        envoy_in_front([first, second], tmp_path) as envoy,
+    ):
+        for replica in (first, second):
+            await envoy.wait_health(replica.server.port, healthy=True)
+        # Only the first takes the stream: the second is frozen until Envoy ejects it.
+        second.process.send_signal(signal.SIGSTOP)
+        await envoy.wait_health(second.server.port, healthy=False)
+        tokens: list[Any] = []
+        killed_at = 0
+        async with InferenceClient(f"127.0.0.1:{envoy.port}") as client:
+            async for token in client.stream("Hello", max_tokens=2000, timeout=120, resume=True):
+                tokens.append(token)
+                if len(tokens) == 1:
+                    second.process.send_signal(signal.SIGCONT)
+                    healthy = asyncio.create_task(
+                        envoy.wait_health(second.server.port, healthy=True)
+                    )
+                elif not killed_at and healthy.done():
+                    first.process.kill()
+                    killed_at = len(tokens)
+    assert killed_at, "the stream ended before the second replica was back"
+    assert first.process.wait(timeout=10) == -signal.SIGKILL
+    final = tokens[-1]
+    assert final.is_final and final.finish_reason == pb.FINISH_REASON_LENGTH
+    assert [t.token_index for t in tokens] == list(range(len(tokens)))
+    assert final.token_index == len(tokens) - 1 == final.usage.completion_tokens
+    assert len(tokens) - 1 == 2000
