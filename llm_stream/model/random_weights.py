@@ -26,7 +26,8 @@ from llm_stream.model.support import attention_implementation
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": {},
     # Two small layers: a whole replica in a few MB and milliseconds a token on a CPU,
-    # for exercising deployments (scripts/chaos.py) rather than measuring a model.
+    # for exercising deployments (replicas behind Envoy, restarts, kills) rather than
+    # measuring a model.
     "tiny": {
         "hidden_size": 64,
         "intermediate_size": 256,
