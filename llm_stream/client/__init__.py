@@ -46,9 +46,9 @@ SERVICE_CONFIG = {
     ],
 }
 # Fail fast: round_robin only; every failure reaches the caller as the server sent it.
+FAIL_FAST_SERVICE_CONFIG = {"loadBalancingConfig": SERVICE_CONFIG["loadBalancingConfig"]}
 # How many times ``stream(resume=True)`` carries on a cut stream.
 RESUMES = 3
-FAIL_FAST_SERVICE_CONFIG = {"loadBalancingConfig": SERVICE_CONFIG["loadBalancingConfig"]}
 
 
 def channel_target(targets: str | Sequence[str]) -> str:
