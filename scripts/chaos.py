@@ -76,7 +76,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -88,10 +87,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
@@ -112,13 +109,9 @@ KEEPALIVE_JITTER = 0.15  # Envoy jitters its HTTP/2 keepalive interval by up to 
 log = logging.getLogger("chaos")
 
 
-def render_envoy() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("render_envoy", REPO / "scripts/render_envoy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "scripts"))  # its neighbours, when imported by path
+import envoy_admin  # noqa: E402
+import render_envoy  # noqa: E402
 
 
 def keepalive_bound_s() -> float:
@@ -226,7 +219,7 @@ class Envoy(Process):
     def __init__(self, workdir: Path, upstream_ports: Sequence[int], drain_s: int) -> None:
         self.port, self.admin_port = free_port(), free_port()
         folder = workdir / f"envoy-{self.port}"
-        config = render_envoy().write(
+        config = render_envoy.write(
             folder, self.port, self.admin_port, [("127.0.0.1", p) for p in upstream_ports]
         )
         command = [
@@ -236,16 +229,12 @@ class Envoy(Process):
         super().__init__(f"envoy :{self.port}", command, workdir / f"envoy-{self.port}.log")
 
     def health_flags(self) -> dict[int, str]:
-        """Envoy's verdict on each replica, by port (its admin's /clusters)."""
-        url = f"http://127.0.0.1:{self.admin_port}/clusters"
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
-            text = response.read().decode()
-        flags = {}
-        for line in text.splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "llm_stream" and parts[2] == "health_flags":
-                flags[int(parts[1].rsplit(":", 1)[1])] = parts[3]
-        return flags
+        """Envoy's verdict on each replica, by port."""
+        return envoy_admin.host_values(self.admin_port, "health_flags")
+
+    def requests_active(self) -> int:
+        """Requests in flight through its listener."""
+        return sum(envoy_admin.stat_values(self.admin_port, ACTIVE_STAT).values())
 
     async def wait_accepting(self, timeout: float = 30.0) -> None:
         """The chart's readiness probe: the listener's port accepts a connection."""
@@ -616,17 +605,8 @@ class Cluster:
     def busiest_replica(self) -> Replica:
         """The replica with the most calls in flight, by Envoy's gauge."""
 
-        def active(replica: Replica) -> int:
-            total = 0
-            for envoy in self.envoys:
-                url = f"http://127.0.0.1:{envoy.admin_port}/clusters"
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    for line in response.read().decode().splitlines():
-                        if line.startswith(f"llm_stream::127.0.0.1:{replica.port}::rq_active::"):
-                            total += int(line.rsplit("::", 1)[1])
-            return total
-
-        return max(self.replicas, key=active)
+        active = [envoy_admin.host_values(e.admin_port, "rq_active") for e in self.envoys]
+        return max(self.replicas, key=lambda r: sum(int(a.get(r.port, 0)) for a in active))
 
     async def kill_replica(self, load: Load) -> float:
         replica = await asyncio.to_thread(self.busiest_replica)
@@ -640,14 +620,7 @@ class Cluster:
 
     def busiest_envoy(self) -> Envoy:
         """The Envoy with the most requests in flight (the one the client is on)."""
-
-        def active(envoy: Envoy) -> int:
-            url = f"http://127.0.0.1:{envoy.admin_port}/stats?filter={ACTIVE_STAT}"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                text = response.read().decode()
-            return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line)
-
-        return max(self.envoys, key=active)
+        return max(self.envoys, key=Envoy.requests_active)
 
     async def kill_envoy(self, load: Load) -> float:
         envoy = await asyncio.to_thread(self.busiest_envoy)

@@ -13,7 +13,6 @@ import functools
 import importlib.util
 import subprocess
 import sys
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -30,13 +29,18 @@ ENVOY = REPO / ".tools" / "bin" / "envoy"
 
 
 @functools.cache
-def render_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("render_envoy", REPO / "scripts/render_envoy.py")
+def script_module(name: str) -> ModuleType:
+    """scripts/<name>.py, loaded by path (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def render_module() -> ModuleType:
+    return script_module("render_envoy")
 
 
 class EnvoyProxy:
@@ -80,27 +84,17 @@ class EnvoyProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def health_flags(self) -> dict[int, str]:
-        url = f"http://127.0.0.1:{self.admin_port}/clusters"
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
-            text = response.read().decode()
-        flags = {}
-        for line in text.splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "llm_stream" and parts[2] == "health_flags":
-                flags[int(parts[1].rsplit(":", 1)[1])] = parts[3]
+        flags: dict[int, str] = script_module("envoy_admin").host_values(
+            self.admin_port, "health_flags"
+        )
         return flags
 
     def stats(self) -> dict[str, int]:
         """The llm_stream cluster's counters and gauges, without the cluster prefix."""
-        url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.llm_stream\\."
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback admin only
-            text = response.read().decode()
-        stats = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                stats[name.removeprefix("cluster.llm_stream.")] = int(value)
-        return stats
+        values = script_module("envoy_admin").stat_values(
+            self.admin_port, "^cluster\\.llm_stream\\."
+        )
+        return {name.removeprefix("cluster.llm_stream."): value for name, value in values.items()}
 
     async def wait_stat(self, name: str, at_least: int = 1, timeout: float = 30.0) -> int:
         async with asyncio.timeout(timeout):
