@@ -46,7 +46,34 @@ def with_model_defaults(sampling: SamplingParams, defaults: Mapping[str, float])
     return replace(sampling, unset=frozenset(), **filled) if filled or sampling.unset else sampling
 
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call (an OpenAI ``tools`` entry)."""
+
+    name: str
+    description: str = ""
+    # The JSON schema of the arguments object, as JSON text.
+    parameters: str = '{"type": "object", "properties": {}}'
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the model made: which function, with which arguments (a JSON object's text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class JsonConstraint:
+    """Guided decoding: every token is chosen so that the output is JSON; an object
+    matching ``schema`` (JSON Schema as JSON text), or any JSON object when it is ""."""
+
+    schema: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +82,11 @@ class ChatTurn:
 
     role: str
     content: str
+    # An assistant turn's tool calls.
+    tool_calls: tuple[ToolCall, ...] = ()
+    # A tool turn: the id of the call it answers, and the function's name if known.
+    tool_call_id: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +105,10 @@ class GenerationRequest:
     messages: tuple[ChatTurn, ...] = ()
     # The last message is an assistant turn to carry on, rendered open (prefill).
     continue_final_message: bool = False
+    # Functions the model may call, rendered by the chat template where it takes tools.
+    tools: tuple[ToolSpec, ...] = ()
+    # Guided decoding: the output must be JSON (matching a schema); None: free text.
+    constraint: JsonConstraint | None = None
 
 
 class FinishReason(enum.Enum):
@@ -267,6 +303,12 @@ class ModelInfo(Protocol):
     @property
     def sampling_defaults(self) -> Mapping[str, float]:
         """The model's own sampling defaults that fill a request's unset fields."""
+        ...
+
+    @property
+    def tool_format(self) -> str | None:
+        """How the model writes tool calls, read from its chat template ("hermes",
+        "llama3_json", "mistral"...); None when its template takes no tools."""
         ...
 
 
