@@ -103,6 +103,7 @@ class SimulatedBackend:
         self.model_id, self.version = inner.model_id, inner.version
         self.device = "simulated"
         self.execution = f"simulated device, {step_s * 1e3:g} ms a step"
+        self.sampling_defaults, self.tool_format = inner.sampling_defaults, inner.tool_format
         ids = inner._tokenizer(TEXT * 4, add_special_tokens=False)["input_ids"]
         self._runner = SimulatedDevice(inner.new_runner().budget, step_s, ids)
 

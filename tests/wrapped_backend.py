@@ -49,6 +49,7 @@ class WrappedBackend:
         self.model_id, self.version, self.device = inner.model_id, inner.version, inner.device
         self.execution = inner.execution
         self.sampling_defaults = inner.sampling_defaults
+        self.tool_format = inner.tool_format
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
         return self._inner.prepare(request)

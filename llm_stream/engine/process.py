@@ -71,6 +71,7 @@ class ProcessInfo:
     device: str
     execution: str
     sampling_defaults: Mapping[str, float]
+    tool_format: str | None = None
 
 
 # -- the server's side ----------------------------------------------------------------
@@ -114,6 +115,7 @@ class EngineProcess:
         self.model_id, self.version = info.model_id, info.version
         self.device, self.execution = info.device, info.execution
         self.sampling_defaults = info.sampling_defaults
+        self.tool_format = info.tool_format
         self._conn = conn
 
     def start_core(self, publish: Publish, on_lost: Callable[[str], None]) -> RemoteCore:
@@ -318,6 +320,7 @@ class ChildCore:
             backend.device,
             backend.execution,
             dict(backend.sampling_defaults),
+            backend.tool_format,
         )
         self._send(("ready", info))
 

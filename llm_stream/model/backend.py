@@ -22,9 +22,10 @@ from llm_stream.engine.types import (
     with_model_defaults,
 )
 from llm_stream.errors import InvalidRequestError
-from llm_stream.model.chat import plain_conversation, templated_conversation
+from llm_stream.model.chat import chat_template_text, plain_conversation, templated_conversation
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.text_assembler import TextAssembler
+from llm_stream.tool_calls import tool_format_of
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class HFBackend:
         self._eos_ids = eos_token_ids(model, tokenizer)
         self.sampling_defaults = sampling_defaults(model)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # How the model writes tool calls (None: its template takes no tools).
+        self.tool_format = tool_format_of(chat_template_text(tokenizer))
 
     # -- preparation -------------------------------------------------------
 
@@ -82,12 +85,24 @@ class HFBackend:
         )
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        tools = request.tools
+        constrained = request.constraint is not None
         if request.messages:
             if request.apply_chat_template is False or not self.has_chat_template:
-                text = plain_conversation(request.messages, request.continue_final_message)
+                text = plain_conversation(
+                    request.messages,
+                    request.continue_final_message,
+                    tools=tools,
+                    constrained=constrained,
+                )
                 return list(self._tokenizer(text)["input_ids"])
             text = templated_conversation(
-                self._tokenizer, request.messages, request.continue_final_message
+                self._tokenizer,
+                request.messages,
+                request.continue_final_message,
+                tools=tools,
+                tool_format=self.tool_format,
+                constrained=constrained,
             )
             return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         use_template = request.apply_chat_template
@@ -100,7 +115,13 @@ class HFBackend:
             )
         if use_template:
             turn = ChatTurn("user", request.prompt)
-            text = templated_conversation(self._tokenizer, [turn])
+            text = templated_conversation(
+                self._tokenizer,
+                [turn],
+                tools=tools,
+                tool_format=self.tool_format,
+                constrained=constrained,
+            )
             return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self._tokenizer(request.prompt)["input_ids"])
 
