@@ -22,11 +22,12 @@ from llm_stream.engine.core import CoreStarter
 from llm_stream.engine.engine import Engine, EngineState
 from llm_stream.engine.scheduler import BatchLimits
 from llm_stream.engine.types import ModelBackend
+from llm_stream.front_door.admission import Admission
+from llm_stream.front_door.request import RequestLimits
 from llm_stream.http.app import HTTP_MAX_BODY_BYTES, OpenAIApi
 from llm_stream.http.server import HttpServer
 from llm_stream.http.tls import ReloadingSSLContext
 from llm_stream.metrics import ServerMetrics
-from llm_stream.protocol.convert import RequestLimits
 from llm_stream.protocol.guard import CallGate
 from llm_stream.protocol.health import HealthState
 from llm_stream.protocol.server import bind, build_grpc_server, build_health_server
@@ -130,24 +131,26 @@ class LLMStreamServer:
         self.health = HealthState()
         self.metrics = ServerMetrics(self.engine, self.health)
         pushback_ms = round(settings.retry_pushback_s * 1000)
+        self.access = AccessControl(load_api_keys(settings), settings.max_concurrent_per_key)
+        # One admission for both faces: the same keys, caps and rejection log and metric.
+        admission = Admission(self.access, on_rejected=self.metrics.rejected)
+        limits = RequestLimits(settings.default_max_tokens, settings.max_tokens_cap)
         servicer = InferenceServicer(
             self.engine,
             self.health,
-            RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
+            limits,
             settings.max_batch_size,
-            on_rejected=self.metrics.rejected,
+            admission=admission,
             retry_pushback_ms=pushback_ms,
         )
-        self.access = AccessControl(load_api_keys(settings), settings.max_concurrent_per_key)
-        self.gate = CallGate(self.access, pushback_ms, on_rejected=self.metrics.rejected)
+        self.gate = CallGate(admission, pushback_ms)
         self._server = build_grpc_server(settings, servicer, self.health, self.gate)
         self._health_server = build_health_server(self.health) if settings.health_port else None
         self.openai = OpenAIApi(
             self.engine,
             self.health,
-            self.access,
-            RequestLimits(settings.default_max_tokens, settings.max_tokens_cap),
-            on_rejected=self.metrics.rejected,
+            admission,
+            limits,
             retry_after_s=settings.retry_pushback_s,
             max_body_bytes=min(settings.max_message_bytes, HTTP_MAX_BODY_BYTES),
         )

@@ -89,7 +89,7 @@ INVALID: list[tuple[str, pb.PredictRequest, tuple[str, ...]]] = [
         prompt_request(repetition_penalty=-1.0),
         ("repetition_penalty", "> 0", "-1"),
     ),
-    ("negative max_tokens", prompt_request(max_tokens=-1), ("max_tokens", ">= 0", "-1")),
+    ("negative max_tokens", prompt_request(max_tokens=-1), ("config.max_tokens", "1 to", "-1")),
     (
         "max_tokens above the cap",
         prompt_request(max_tokens=4001),

@@ -683,7 +683,7 @@ def test_huge_health_service_is_not_found_with_a_short_message(
 
 
 def test_status_messages_are_bounded() -> None:
-    short = "config.top_p must be in (0, 1] (0 means unset), got 1.5"
+    short = "config.top_p must be in (0, 1], got 1.5"
     assert bounded_message(short) == short
     cut = bounded_message("x" * HUGE)
     assert len(cut) == MAX_MESSAGE_LENGTH
@@ -910,7 +910,7 @@ def test_an_unexpected_error_names_the_cleaned_id(
     def bug(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug while converting")
 
-    monkeypatch.setattr(servicer_module, "to_generation_request", bug)
+    monkeypatch.setattr(servicer_module, "draft_from_pb", bug)
     caplog.handler.setFormatter(logging.Formatter(LOG_FORMAT))
     caplog.handler.addFilter(RequestContextFilter())
     caplog.set_level(logging.INFO, logger="llm_stream")

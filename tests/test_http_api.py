@@ -249,30 +249,46 @@ async def assert_400(
         ({"frequency_penalty": 0.5}, "frequency_penalty", "repetition_penalty"),
         ({"presence_penalty": -1}, "presence_penalty", "not supported"),
         ({"logprobs": True}, "logprobs", "not supported"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
-            "tool_choice",
-            "demands a tool call",
-        ),
+        ({"tool_choice": "required"}, "tool_choice", "needs functions to call; send them in tools"),
         (
             {
                 "tools": [{"type": "function", "function": {"name": "f"}}],
-                "tool_choice": {"type": "function", "function": {"name": "f"}},
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
             },
             "tool_choice",
-            "naming a function demands a tool call",
+            "names the function 'g', which is not among tools",
         ),
         (
-            {"functions": [{"name": "f"}], "function_call": {"name": "f"}},
+            {"functions": [{"name": "f"}], "function_call": {"name": "g"}},
             "function_call",
-            "demands",
+            "not among",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+            "tools[0].function.parameters",
+            "a JSON Schema object, got a string",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "two words"}}]},
+            "tools[0].function.name",
+            "letters, digits",
+        ),
+        (
+            {"tools": [{"function": {"name": "f"}}, {"function": {"name": "f"}}]},
+            "tools[1].function.name",
+            "must be unique",
         ),
         ({"tool_choice": "sometimes"}, "tool_choice", "'none', 'auto', 'required'"),
         ({"tools": {"name": "f"}}, "tools", "must be an array"),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "only 'function'"),
         ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name", "a string"),
         ({"tools": [], "parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "JSON mode"),
+        ({"response_format": {"type": "xml"}}, "response_format", "'json_schema', got 'xml'"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": []}}},
+            "response_format.json_schema.schema",
+            "a JSON Schema object, got an array",
+        ),
         ({"max_tokens": 0}, "max_tokens", "must be 1 to 4000 (this server's cap), got 0"),
         ({"max_completion_tokens": 5000}, "max_completion_tokens", "cap of 4000"),
         ({"temperature": "hot"}, "temperature", "must be a number, got a string"),
@@ -282,14 +298,41 @@ async def assert_400(
         ({"stop": [""]}, "stop", "each stop sequence must be 1 to"),
         ({"seed": "x"}, "seed", "must be an integer"),
         ({"messages": []}, "messages", "non-empty array"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "got 'tool'"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "got 'robot'"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "x",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}],
+                    }
+                ]
+            },
+            "messages[0].tool_calls",
+            "only assistant messages carry tool calls",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}],
+                    },
+                ]
+            },
+            "messages[1].tool_calls[0].function.arguments",
+            "not valid JSON",
+        ),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "a string"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content[0]",
             "text parts",
         ),
-        ({"messages": [{"role": "user", "content": ""}]}, None, "conversation is empty"),
+        ({"messages": [{"role": "user", "content": ""}]}, "messages", "conversation is empty"),
         ({"stream": "yes"}, "stream", "true or false"),
     ],
 )

@@ -113,10 +113,15 @@ def make_request(
     apply_chat_template: bool | None = None,
     use_model_temperature: bool = False,
     continue_final_message: bool = False,
+    json_schema: str = "",
+    tools: Iterable[pb.Tool] = (),
+    tool_choice: str = "",
 ) -> pb.PredictRequest:
     """A request; sampling fields left at 0 take the model's defaults (see the README),
     and ``use_model_temperature`` samples at the model's temperature when ``temperature``
-    is 0."""
+    is 0. ``json_schema`` (a JSON Schema's text) asks for JSON matching it; ``tools``
+    are functions the model may call (``tool_choice``: "auto", "none", "required" or
+    a function's name); the response's ``tool_calls`` holds its calls."""
     config = pb.InferenceConfig(
         temperature=temperature,
         max_tokens=max_tokens,
@@ -126,12 +131,19 @@ def make_request(
         repetition_penalty=repetition_penalty,
         use_model_temperature=use_model_temperature,
         continue_final_message=continue_final_message,
+        json_schema=json_schema,
     )
     if seed is not None:
         config.seed = seed
     if apply_chat_template is not None:
         config.apply_chat_template = apply_chat_template
-    request = pb.PredictRequest(model_id=model_id, request_id=request_id, config=config)
+    request = pb.PredictRequest(
+        model_id=model_id,
+        request_id=request_id,
+        config=config,
+        tools=list(tools),
+        tool_choice=tool_choice,
+    )
     if isinstance(prompt, str):
         request.features["prompt"].string_value = prompt
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--raw", action="store_true", help="send the prompt as is, without the chat template"
     )
+    parser.add_argument(
+        "--json-schema",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="answer in JSON matching the JSON Schema in FILE (guided decoding); "
+        '{"type": "object"} asks for any JSON object',
+    )
     parser.add_argument("--unary", action="store_true", help="use Predict instead of streaming")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     parser.add_argument(
@@ -99,8 +108,25 @@ def _client(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Infere
         parser.error(str(exc))
 
 
+def read_json_schema(parser: argparse.ArgumentParser, path: Path | None) -> str:
+    """The text of ``--json-schema FILE``, checked to be a JSON object ("" without one)."""
+    if path is None:
+        return ""
+    try:
+        text = path.read_text(encoding="utf-8")
+        schema = json.loads(text)
+    except OSError as exc:
+        parser.error(f"--json-schema: cannot read {path}: {exc.strerror}")
+    except ValueError as exc:
+        parser.error(f"--json-schema: {path} is not valid JSON: {exc}")
+    if not isinstance(schema, dict):
+        parser.error(f"--json-schema: {path} must hold a JSON Schema object")
+    return text
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        "json_schema": args.json_schema_text,
         "model_id": args.model,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
@@ -198,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--chat reads its turns from the terminal: give no prompt")
     if not args.chat and args.prompt is None:
         parser.error("give a prompt ('-' reads standard input), or --chat")
+    args.json_schema_text = read_json_schema(parser, args.json_schema)
     logging.basicConfig(level=logging.INFO, format="[%(message)s]", stream=sys.stderr)
     try:
         return asyncio.run(_run(parser, args))

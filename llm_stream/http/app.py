@@ -1,9 +1,10 @@
 """The starlette application: OpenAI's chat completions, completions and models.
 
-Each generation takes the gRPC side's path: the same API-key check and per-key
-cap (:class:`~llm_stream.access.AccessControl`), the same request conversion and
-checks, the same engine (so the same admission, queue and batch), the same
-rejected-requests metric. What is HTTP's own:
+Each generation takes the gRPC side's path through the front door: the same
+API-key check, per-key cap, rejection log and metric
+(:class:`~llm_stream.front_door.admission.Admission`), the same request checks
+(:func:`~llm_stream.front_door.request.validate`), the same tool-call reading, the
+same engine (so the same admission, queue and batch). What is HTTP's own:
 
 - the request id comes from an ``x-request-id`` header (cleaned like the gRPC
   ``request_id``) or is generated; it is echoed as ``x-request-id`` and embedded
@@ -38,39 +39,33 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from llm_stream.access import AccessControl
 from llm_stream.engine.engine import Engine
 from llm_stream.engine.types import GenerationRequest, StreamEnd, TokenEvent
-from llm_stream.errors import InvalidRequestError, ModelNotFoundError, quoted_input
-from llm_stream.http.errors import (
-    BodyTooLargeError,
-    ErrorReply,
+from llm_stream.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
     UnsupportedMediaTypeError,
-    error_body,
-    error_response,
-    reply_for,
+    quoted_input,
 )
+from llm_stream.front_door.admission import Admission
+from llm_stream.front_door.request import RequestLimits, ValidRequest, validate
+from llm_stream.front_door.tools import tool_reading
+from llm_stream.http.errors import ErrorReply, error_body, error_response, reply_for
 from llm_stream.http.openai_schema import (
     SSE_DONE,
-    TOOLS_IGNORED_HEADER,
     Chunks,
     OpenAIRequest,
     ResponseInfo,
     chat_completion,
     chat_request,
     completion_request,
-    in_openai_terms,
     model_card,
     sse_event,
     text_completion,
 )
-from llm_stream.logging_setup import key_id_var, request_id_var
-from llm_stream.protocol.convert import (
-    RequestLimits,
-    request_id_from,
-    request_id_header,
-    to_generation_request,
-)
+from llm_stream.logging_setup import request_id_var
+from llm_stream.protocol.convert import request_id_from, request_id_header
 from llm_stream.protocol.health import HealthState
 
 log = logging.getLogger(__name__)
@@ -103,7 +98,7 @@ PAGE_HEADERS = {
 }
 ROUTES_HELP = "this server serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models"
 
-Parser = Callable[[object, int], OpenAIRequest]
+Parser = Callable[[object, str], OpenAIRequest]
 Event = TokenEvent | StreamEnd
 
 
@@ -190,19 +185,17 @@ class OpenAIApi:
         self,
         engine: Engine,
         health: HealthState,
-        access: AccessControl,
+        admission: Admission,
         limits: RequestLimits,
         *,
-        on_rejected: Callable[[str], None] = lambda _code: None,
         retry_after_s: float = 0.5,
         max_body_bytes: int = HTTP_MAX_BODY_BYTES,
         static_dir: Path = STATIC_DIR,
     ) -> None:
         self._engine = engine
         self._health = health
-        self._access = access
+        self._admission = admission
         self._limits = limits
-        self._on_rejected = on_rejected
         self._retry_after_s = retry_after_s
         self._max_body_bytes = max_body_bytes
         self._static_dir = static_dir
@@ -245,12 +238,12 @@ class OpenAIApi:
         return True
 
     def _hold(self, key: str) -> None:
-        self._access.acquire(key, 1)
+        self._admission.hold(key, 1)
         self._active += 1
         self._idle.clear()
 
     def _release(self, key: str) -> None:
-        self._access.release(key, 1)
+        self._admission.release(key, 1)
         self._active -= 1
         if not self._active:
             self._idle.set()
@@ -268,19 +261,12 @@ class OpenAIApi:
         return {"x-request-id": request_id_header(request_id)}
 
     def _authenticate(self, request: Request) -> str:
-        key = self._access.authenticate(request.headers.get("authorization"))
-        key_id_var.set(key)
-        return key
+        return self._admission.authenticate(request.headers.get("authorization"))
 
     def _reply(self, exc: BaseException, request_id: str) -> ErrorReply:
         """Logs and counts a failure; what the client is told about it."""
-        reply = reply_for(exc, request_id)
-        self._on_rejected(reply.grpc_code)
-        if reply.expected:
-            log.info("request rejected: %d %s", reply.kind.status, reply.message)
-        else:
-            log.error("request %s failed", request_id, exc_info=exc)
-        return reply
+        self._admission.rejected(exc, request_id)
+        return reply_for(exc, request_id)
 
     def _error(self, exc: BaseException, request_id: str) -> Response:
         reply = self._reply(exc, request_id)
@@ -298,7 +284,7 @@ class OpenAIApi:
                 f"`Content-Type: application/json`; got {sent}"
             )
         limit = self._max_body_bytes
-        too_large = BodyTooLargeError(
+        too_large = RequestTooLargeError(
             f"the request body is larger than this server's HTTP limit of {limit} bytes"
         )
         declared = request.headers.get("content-length", "")
@@ -315,7 +301,7 @@ class OpenAIApi:
 
     async def _convert(
         self, request: Request, parse: Parser, request_id: str
-    ) -> tuple[OpenAIRequest, GenerationRequest]:
+    ) -> tuple[OpenAIRequest, ValidRequest]:
         """The body decoded, converted and checked: for a body above
         CONVERT_ON_THREAD_BYTES, all of it in one worker-thread call."""
         data = await self._read_body(request)
@@ -325,19 +311,15 @@ class OpenAIApi:
 
     def _convert_body(
         self, data: bytes, parse: Parser, request_id: str
-    ) -> tuple[OpenAIRequest, GenerationRequest]:
+    ) -> tuple[OpenAIRequest, ValidRequest]:
         try:
             body = json.loads(data)
         except RecursionError:
             raise InvalidRequestError("the request body's JSON is nested too deeply") from None
         except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
             raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-        parsed = parse(body, self._limits.max_tokens_cap)
-        try:
-            checked = to_generation_request(parsed.message, self._limits, request_id)
-        except InvalidRequestError as exc:
-            raise in_openai_terms(exc) from None
-        return parsed, checked
+        parsed = parse(body, request_id)
+        return parsed, validate(parsed.draft, self._limits)
 
     # -- generations -----------------------------------------------------------------
 
@@ -353,15 +335,15 @@ class OpenAIApi:
         held = False
         try:
             key = self._authenticate(request)
-            parsed, checked = await self._convert(request, parse, request_id)
-            generation = dataclasses.replace(checked, client=key)
+            parsed, valid = await self._convert(request, parse, request_id)
+            generation = dataclasses.replace(valid.generation, client=key)
             headers = self._headers(request_id)
-            if parsed.tools_ignored:
-                # Said where a client can see it (the header) and an operator too.
-                log.info("tools left out of the prompt: %s", parsed.tools_ignored)
-                headers[TOOLS_IGNORED_HEADER] = f"ignored: {parsed.tools_ignored}"
             self._engine.check_accepting()
             backend = self._engine.backend_for(generation.model_id)
+            # Tools left out are said where a client can see it (a header), and logged.
+            reading = tool_reading(valid, backend.model_id, backend.tool_format)
+            if reading.header:
+                headers.update((reading.header,))
             self._hold(key)
             held = True
             info = ResponseInfo(
@@ -371,14 +353,18 @@ class OpenAIApi:
                 fingerprint=backend.version,
             )
             if parsed.stream:
-                chunks = Chunks(info, chat, parsed.include_usage)
+                chunks = Chunks(info, chat, parsed.include_usage, reading)
                 response = await self._open_stream(request, generation, chunks, key, headers)
                 held = False  # the stream gives it back when it ends
                 return response
             completion = await until_disconnected(
                 request.receive, self._engine.complete(generation)
             )
-            body = chat_completion(info, completion) if chat else text_completion(info, completion)
+            body = (
+                chat_completion(info, completion, reading)
+                if chat
+                else text_completion(info, completion)
+            )
             return JSONResponse(body, headers=headers)
         except (ClientGone, ClientDisconnect):
             log.info("client left before its answer (its generation, if any, is cancelled)")
@@ -430,7 +416,8 @@ class OpenAIApi:
         try:
             while not isinstance(event, StreamEnd):
                 if event.text:
-                    yield sse_event(chunks.text(event.text))
+                    for chunk in chunks.text(event.text):
+                        yield sse_event(chunk)
                 event = await anext(events)
         except Exception as exc:
             # The status has gone out: the failure travels as an error event instead.

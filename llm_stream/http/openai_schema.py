@@ -1,27 +1,35 @@
-"""OpenAI request bodies -> the contract's ``PredictRequest``; results -> OpenAI JSON.
+"""OpenAI request bodies -> the front door's ``RequestDraft``; results -> OpenAI JSON.
 
 A body is checked here only for what is OpenAI's own: JSON shapes and types,
-parameters this server cannot honour (``n`` > 1, ``logprobs``, ``tools``, non-zero
+parameters this server cannot honour (``n`` > 1, ``logprobs``, non-zero
 ``frequency_penalty``...), which are refused by name rather than ignored. The
-values themselves (ranges, stop sequences, roles, an empty conversation) are then
-checked by the gRPC side's :func:`llm_stream.protocol.convert.to_generation_request`,
-so both ports accept and refuse the same requests. Fields this module does not
-name (``user``, ``metadata``, ``store``...) are ignored, as chat UIs send many.
+values themselves (ranges, stop sequences, roles, tools, schemas, an empty
+conversation) are then checked by :func:`llm_stream.front_door.request.validate`,
+as for the gRPC port, so both accept and refuse the same requests. Fields this
+module does not name (``user``, ``metadata``, ``store``...) are ignored, as chat
+UIs send many.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from llm_stream.engine.types import Completion, FinishReason, StreamEnd
+from llm_stream.engine.types import (
+    ChatTurn,
+    Completion,
+    FinishReason,
+    StreamEnd,
+    ToolCall,
+    ToolSpec,
+)
 from llm_stream.errors import InvalidRequestError, quoted_input
-from llm_stream.http.errors import ParamError
-from llm_stream.proto.inference.v1 import inference_pb2 as pb
-from llm_stream.protocol.convert import PROMPT_FEATURE
+from llm_stream.front_door.request import RequestDraft
+from llm_stream.front_door.tools import ToolReading, finish_with_calls, read_tool_calls
+from llm_stream.tool_calls import ContentDelta, ToolCallDelta, stream_for
 
 JsonObject = dict[str, Any]
 
@@ -44,15 +52,16 @@ OWNER = "llm-stream"
 
 @dataclass(frozen=True)
 class OpenAIRequest:
-    """A body turned into the contract's message, plus how to answer it."""
+    """A body turned into the shared request, plus how to answer it."""
 
-    message: pb.PredictRequest
+    draft: RequestDraft
     stream: bool
     include_usage: bool
-    # Why the request's tools were left out (None: it sent none). This server makes
-    # no tool calls yet; a chat UI that attaches tools to every request still gets
-    # its answer, as text.
-    tools_ignored: str | None = None
+
+
+def _invalid(param: str, message: str) -> InvalidRequestError:
+    """An invalid request naming the OpenAI parameter at fault (``error.param``)."""
+    return InvalidRequestError(message, param)
 
 
 # -- JSON shapes ----------------------------------------------------------------------
@@ -75,7 +84,7 @@ def json_type(value: object) -> str:
 
 def _object(body: object, what: str) -> Mapping[str, Any]:
     if not isinstance(body, dict):
-        raise ParamError(what, f"{what} must be a JSON object, got {json_type(body)}")
+        raise _invalid(what, f"{what} must be a JSON object, got {json_type(body)}")
     return body
 
 
@@ -84,7 +93,7 @@ def _number(body: Mapping[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ParamError(name, f"{name} must be a number, got {json_type(value)}")
+        raise _invalid(name, f"{name} must be a number, got {json_type(value)}")
     return float(value)
 
 
@@ -95,9 +104,9 @@ def _integer(body: Mapping[str, Any], name: str, low: int, high: int) -> int | N
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ParamError(name, f"{name} must be an integer, got {json_type(value)}")
+        raise _invalid(name, f"{name} must be an integer, got {json_type(value)}")
     if not low <= value <= high:
-        raise ParamError(name, f"{name} must be {low} to {high}, got {value}")
+        raise _invalid(name, f"{name} must be {low} to {high}, got {value}")
     return value
 
 
@@ -106,7 +115,7 @@ def _boolean(body: Mapping[str, Any], name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ParamError(name, f"{name} must be true or false, got {json_type(value)}")
+        raise _invalid(name, f"{name} must be true or false, got {json_type(value)}")
     return value
 
 
@@ -117,11 +126,11 @@ def _quoted(value: object) -> str:
 def _text(value: object, param: str) -> str:
     """A string the protobuf message can hold: JSON may decode to lone surrogates."""
     if not isinstance(value, str):
-        raise ParamError(param, f"{param} must be a string, got {json_type(value)}")
+        raise _invalid(param, f"{param} must be a string, got {json_type(value)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ParamError(
+        raise _invalid(
             param, f"{param} is not valid Unicode: it holds a lone surrogate such as \\ud800"
         ) from None
     return value
@@ -136,179 +145,189 @@ def _only_one(body: Mapping[str, Any], name: str, why: str) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ParamError(name, f"{name} must be an integer, got {json_type(value)}")
+        raise _invalid(name, f"{name} must be an integer, got {json_type(value)}")
     if value != 1:
-        raise ParamError(name, f"{name} must be 1: {why}")
+        raise _invalid(name, f"{name} must be 1: {why}")
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     _only_one(body, "n", "this server returns one choice per request")
     for name in ("frequency_penalty", "presence_penalty"):
         if _number(body, name) not in (None, 0.0):
-            raise ParamError(
+            raise _invalid(
                 name,
                 f"{name} is not supported (only 0 is accepted); this server penalises "
                 "repeats with repetition_penalty instead (> 1 discourages repeated tokens, "
                 "as in Hugging Face transformers)",
             )
     if body.get("logit_bias"):
-        raise ParamError("logit_bias", "logit_bias is not supported; leave it out")
+        raise _invalid("logit_bias", "logit_bias is not supported; leave it out")
     if body.get("top_logprobs"):
-        raise ParamError("top_logprobs", "top_logprobs is not supported; leave it out")
+        raise _invalid("top_logprobs", "top_logprobs is not supported; leave it out")
 
 
 def _refuse_unsupported_chat(body: Mapping[str, Any]) -> None:
     if body.get("logprobs"):
-        raise ParamError("logprobs", "logprobs is not supported; leave it out or send false")
-    response_format = body.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, dict) else None
-        if kind != "text":
-            raise ParamError(
-                "response_format",
-                'response_format is not supported beyond {"type": "text"} (no JSON mode)',
-            )
+        raise _invalid("logprobs", "logprobs is not supported; leave it out or send false")
 
 
 def _refuse_unsupported_completion(body: Mapping[str, Any]) -> None:
     if body.get("logprobs"):
-        raise ParamError("logprobs", "logprobs is not supported; leave it out or send 0")
+        raise _invalid("logprobs", "logprobs is not supported; leave it out or send 0")
     if body.get("echo"):
-        raise ParamError("echo", "echo is not supported; leave it out or send false")
+        raise _invalid("echo", "echo is not supported; leave it out or send false")
     if body.get("suffix"):
-        raise ParamError("suffix", "suffix (insertion) is not supported; leave it out")
+        raise _invalid("suffix", "suffix (insertion) is not supported; leave it out")
     _only_one(body, "best_of", "this server returns one choice")
 
 
-# -- tools ---------------------------------------------------------------------------------
-
-TOOLS_IGNORED_HEADER = "x-llm-stream-tools"
+# -- tools and structured output -----------------------------------------------------------
 
 
-def _function_names(body: Mapping[str, Any]) -> list[str]:
-    """The names in ``tools`` (and the legacy ``functions``), their shapes checked."""
-    names = []
+def _json_text(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[ToolSpec, ...]:
+    """``tools`` (and the legacy ``functions``), their shapes checked."""
+    specs = []
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
-            raise ParamError(
+            raise _invalid(
                 "tools",
-                'tools must be an array of {"type": "function", "function": {"name": ...}} '
-                f"objects, got {json_type(tools)}",
+                'tools must be an array of {"type": "function", "function": {"name", '
+                f'"description", "parameters"}}}} objects, got {json_type(tools)}',
             )
         for index, item in enumerate(tools):
             where = f"tools[{index}]"
             tool = _object(item, where)
             if tool.get("type", "function") != "function":
-                raise ParamError(
+                raise _invalid(
                     f"{where}.type",
                     f"{where}.type is {_quoted(tool.get('type'))}; only 'function' tools exist",
                 )
-            function = _object(tool.get("function"), f"{where}.function")
-            names.append(_text(function.get("name"), f"{where}.function.name"))
+            specs.append(_function(tool.get("function"), f"{where}.function"))
     functions = body.get("functions")
     if functions is not None:
         if not isinstance(functions, list):
-            raise ParamError(
+            raise _invalid(
                 "functions",
                 f"functions must be an array of {{name, ...}} objects, got {json_type(functions)}",
             )
-        for index, item in enumerate(functions):
-            names.append(
-                _text(_object(item, f"functions[{index}]").get("name"), f"functions[{index}].name")
-            )
-    return names
+        specs.extend(_function(item, f"functions[{index}]") for index, item in enumerate(functions))
+    return tuple(specs)
 
 
-def _tools_ignored(body: Mapping[str, Any]) -> str | None:
-    """Checks ``tools``, ``functions``, ``tool_choice``, ``function_call`` and
-    ``parallel_tool_calls``; returns why the tools are left out (None: none sent).
+def _function(value: object, where: str) -> ToolSpec:
+    function = _object(value, where)
+    description = function.get("description")
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    elif not isinstance(parameters, dict):
+        raise _invalid(
+            f"{where}.parameters",
+            f"{where}.parameters must be a JSON Schema object, got {json_type(parameters)}",
+        )
+    return ToolSpec(
+        name=_text(function.get("name"), f"{where}.name"),
+        description="" if description is None else _text(description, f"{where}.description"),
+        parameters=_json_text(parameters),
+    )
 
-    A request may offer tools and let the model choose (``auto``, the default) or
-    forbid calls (``none``): both get a text answer. A request that demands a call
-    (``required``, or a named function) is refused: a text answer would break it.
-    """
-    names = _function_names(body)
-    _boolean(body, "parallel_tool_calls")
+
+def _tool_choice(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(the parameter's name, "auto"/"none"/"required"/"function", the named function)."""
     name, choice = "tool_choice", body.get("tool_choice")
     if choice is None and body.get("function_call") is not None:
         name, choice = "function_call", body.get("function_call")
-    if choice is not None and choice not in ("none", "auto"):
-        if choice != "required" and not isinstance(choice, dict):
-            raise ParamError(
-                name,
-                f"{name} must be 'none', 'auto', 'required' or a named function, got "
-                f"{_quoted(choice)}",
-            )
-        demand = "'required'" if choice == "required" else "naming a function"
-        raise ParamError(
-            name,
-            f"{name} {demand} demands a tool call, and this server does not make tool calls "
-            "yet; send 'auto' or 'none' (the answer is then text), or leave tools out",
-        )
-    if not names:
+    if choice is None or choice in ("none", "auto", "required"):
+        return name, choice or "auto", ""
+    if isinstance(choice, dict):
+        # {"type": "function", "function": {"name": ...}}, or the legacy {"name": ...}
+        named = choice.get("function", choice)
+        if isinstance(named, dict) and isinstance(named.get("name"), str):
+            return name, "function", _text(named["name"], f"{name}.function.name")
+    raise _invalid(
+        name,
+        f"{name} must be 'none', 'auto', 'required' or "
+        '{"type": "function", "function": {"name": ...}}, got '
+        f"{_quoted(choice)}",
+    )
+
+
+def _json_schema(body: Mapping[str, Any]) -> str | None:
+    """``response_format``: None (text), "" (any JSON object) or a JSON Schema's text."""
+    value = body.get("response_format")
+    if value is None:
         return None
-    if choice == "none":
-        return f"{name} is 'none'"
-    return "this server does not make tool calls yet; the answer is text"
+    response_format = _object(value, "response_format")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ""
+    if kind != "json_schema":
+        raise _invalid(
+            "response_format",
+            "response_format.type must be 'text', 'json_object' or 'json_schema', got "
+            f"{_quoted(kind)}",
+        )
+    spec = _object(response_format.get("json_schema"), "response_format.json_schema")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise _invalid(
+            "response_format.json_schema.schema",
+            "response_format.json_schema.schema must be a JSON Schema object, got "
+            f"{json_type(schema)}",
+        )
+    return _json_text(schema)
 
 
 # -- the shared parameters -----------------------------------------------------------------
 
+# OpenAI's spelling of fields the front door names differently.
+FIELD_NAMES = {"json_schema": "response_format"}
 
-def _config(body: Mapping[str, Any], config: pb.InferenceConfig, max_tokens_cap: int) -> None:
-    """The sampling parameters, checked for type here and for range by the contract."""
-    name = (
+
+def _draft(body: Mapping[str, Any], request_id: str) -> RequestDraft:
+    """The sampling parameters, checked for type here and for range by the front door."""
+    _refuse_unsupported(body)
+    max_name = (
         "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     )
-    max_tokens = _integer(body, name, -INT32_MAX, INT32_MAX)
-    if max_tokens is not None:
-        if max_tokens < 1:
-            raise ParamError(
-                name, f"{name} must be 1 to {max_tokens_cap} (this server's cap), got {max_tokens}"
-            )
-        if max_tokens > max_tokens_cap:
-            raise ParamError(
-                name,
-                f"{name} {max_tokens} is above this server's cap of {max_tokens_cap}; "
-                f"ask for at most {max_tokens_cap}",
-            )
-        config.max_tokens = max_tokens
-    temperature = _number(body, "temperature")
-    # Left out: the model's default temperature (OpenAI's is 1, which the model's
-    # falls back to); 0 is greedy.
-    if temperature is None:
-        config.use_model_temperature = True
-    else:
-        config.temperature = temperature
     top_p = _number(body, "top_p")
-    if top_p is not None:
-        if not 0 < top_p <= 1:  # the contract reads 0 as "unset", OpenAI as "greedy"
-            raise ParamError("top_p", f"top_p must be in (0, 1], got {top_p:g}")
-        config.top_p = top_p
+    if top_p == 0:  # OpenAI reads 0 as greedy; this server's sampling needs (0, 1]
+        raise _invalid("top_p", "top_p must be in (0, 1], got 0; for greedy send temperature 0")
     stop = body.get("stop")
     if isinstance(stop, str):
-        config.stop.append(_text(stop, "stop"))
+        stops: tuple[str, ...] = (_text(stop, "stop"),)
     elif isinstance(stop, list):
-        config.stop.extend(_text(item, f"stop[{i}]") for i, item in enumerate(stop))
-    elif stop is not None:
-        raise ParamError(
+        stops = tuple(_text(item, f"stop[{i}]") for i, item in enumerate(stop))
+    elif stop is None:
+        stops = ()
+    else:
+        raise _invalid(
             "stop", f"stop must be a string or an array of strings, got {json_type(stop)}"
         )
     seed = _integer(body, "seed", *SEED_RANGE)
-    if seed is not None:
-        config.seed = seed % 2**64
-    # Extensions beyond OpenAI's parameters, under the names vLLM gives them.
-    top_k = _integer(body, "top_k", 0, INT32_MAX)
-    if top_k is not None:
-        config.top_k = top_k
-    penalty = _number(body, "repetition_penalty")
-    if penalty is not None:
-        if penalty <= 0:
-            raise ParamError(
-                "repetition_penalty", f"repetition_penalty must be > 0, got {penalty:g}"
-            )
-        config.repetition_penalty = penalty
+    model = body.get("model")
+    return RequestDraft(
+        request_id=request_id,
+        model_id="" if model is None else _text(model, "model"),
+        max_tokens=_integer(body, max_name, -INT32_MAX, INT32_MAX),
+        # Left out: the model's default temperature (OpenAI's is 1, which the model's
+        # falls back to); 0 is greedy.
+        temperature=_number(body, "temperature"),
+        top_p=top_p,
+        stop=stops,
+        seed=None if seed is None else seed % 2**64,
+        # Extensions beyond OpenAI's parameters, under the names vLLM gives them.
+        top_k=_integer(body, "top_k", 0, INT32_MAX),
+        repetition_penalty=_number(body, "repetition_penalty"),
+        names={**FIELD_NAMES, "max_tokens": max_name},
+    )
 
 
 def _stream_options(body: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -319,43 +338,73 @@ def _stream_options(body: Mapping[str, Any]) -> tuple[bool, bool]:
     return stream, _boolean(_object(options, "stream_options"), "include_usage")
 
 
-def _message(body: Mapping[str, Any], max_tokens_cap: int) -> pb.PredictRequest:
-    message = pb.PredictRequest()
-    model = body.get("model")
-    if model is not None:
-        message.model_id = _text(model, "model")
-    _refuse_unsupported(body)
-    _config(body, message.config, max_tokens_cap)
-    return message
-
-
 # -- requests --------------------------------------------------------------------------------
 
 
-def chat_request(body: object, max_tokens_cap: int) -> OpenAIRequest:
+def chat_request(body: object, request_id: str) -> OpenAIRequest:
     """``POST /v1/chat/completions``: the conversation in ``messages``."""
     fields = _object(body, "the request body")
     _refuse_unsupported_chat(fields)
-    tools_ignored = _tools_ignored(fields)
-    message = _message(fields, max_tokens_cap)
     turns = fields.get("messages")
     if not isinstance(turns, list) or not turns:
-        raise ParamError(
+        raise _invalid(
             "messages",
             "messages must be a non-empty array of {role, content} objects, got "
             f"{json_type(turns) if turns != [] else 'an empty array'}",
         )
-    for index, item in enumerate(turns):
-        where = f"messages[{index}]"
-        turn = _object(item, where)
-        if turn.get("tool_calls"):
-            raise ParamError(f"{where}.tool_calls", "tool calls are not supported")
-        role = _text(turn.get("role"), f"{where}.role")
-        message.messages.add(
-            role=ROLE_ALIASES.get(role, role), content=_content(turn.get("content"), where)
-        )
+    choice_name, choice, tool_name = _tool_choice(fields)
+    parallel = fields.get("parallel_tool_calls")
+    draft = dataclasses.replace(
+        _draft(fields, request_id),
+        messages=tuple(_turn(item, f"messages[{index}]") for index, item in enumerate(turns)),
+        tools=_tools(fields),
+        tool_choice=choice,
+        tool_name=tool_name,
+        parallel_tool_calls=True if parallel is None else _boolean(fields, "parallel_tool_calls"),
+        json_schema=_json_schema(fields),
+    )
+    draft = dataclasses.replace(draft, names={**draft.names, "tool_choice": choice_name})
     stream, include_usage = _stream_options(fields)
-    return OpenAIRequest(message, stream, include_usage, tools_ignored)
+    return OpenAIRequest(draft, stream, include_usage)
+
+
+def _turn(item: object, where: str) -> ChatTurn:
+    turn = _object(item, where)
+    role = _text(turn.get("role"), f"{where}.role")
+    calls = turn.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise _invalid(
+            f"{where}.tool_calls",
+            f"{where}.tool_calls must be an array of tool calls, got {json_type(calls)}",
+        )
+    tool_call_id = turn.get("tool_call_id")
+    name = turn.get("name")
+    return ChatTurn(
+        role=ROLE_ALIASES.get(role, role),
+        content=_content(turn.get("content"), where),
+        tool_calls=tuple(
+            _tool_call(call, f"{where}.tool_calls[{index}]")
+            for index, call in enumerate(calls or ())
+        ),
+        tool_call_id="" if tool_call_id is None else _text(tool_call_id, f"{where}.tool_call_id"),
+        name="" if name is None or role != "tool" else _text(name, f"{where}.name"),
+    )
+
+
+def _tool_call(item: object, where: str) -> ToolCall:
+    call = _object(item, where)
+    function = _object(call.get("function"), f"{where}.function")
+    arguments = function.get("arguments")
+    if arguments is None:
+        arguments = "{}"
+    elif isinstance(arguments, dict):  # some clients send the object itself
+        arguments = _json_text(arguments)
+    call_id = call.get("id")
+    return ToolCall(
+        id="" if call_id is None else _text(call_id, f"{where}.id"),
+        name=_text(function.get("name"), f"{where}.function.name"),
+        arguments=_text(arguments, f"{where}.function.arguments"),
+    )
 
 
 def _content(content: object, where: str) -> str:
@@ -365,7 +414,7 @@ def _content(content: object, where: str) -> str:
     if isinstance(content, str):
         return _text(content, f"{where}.content")
     if not isinstance(content, list):
-        raise ParamError(
+        raise _invalid(
             f"{where}.content",
             f"{where}.content must be a string or an array of text parts, got {json_type(content)}",
         )
@@ -374,7 +423,7 @@ def _content(content: object, where: str) -> str:
         param = f"{where}.content[{index}]"
         part = _object(item, param)
         if part.get("type") != "text":
-            raise ParamError(
+            raise _invalid(
                 param,
                 f"{param} has type {_quoted(part.get('type'))}; this server takes only "
                 'text parts ({"type": "text", "text": "..."})',
@@ -383,46 +432,28 @@ def _content(content: object, where: str) -> str:
     return "".join(texts)
 
 
-def completion_request(body: object, max_tokens_cap: int) -> OpenAIRequest:
+def completion_request(body: object, request_id: str) -> OpenAIRequest:
     """``POST /v1/completions``: raw text in ``prompt``, no chat template."""
     fields = _object(body, "the request body")
     _refuse_unsupported_completion(fields)
-    message = _message(fields, max_tokens_cap)
+    draft = _draft(fields, request_id)
     prompt = fields.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list):
-        raise ParamError(
+        raise _invalid(
             "prompt",
             "prompt must be one string (or an array of exactly one string); token arrays and "
             "several prompts per request are not supported",
         )
     if prompt is None:
-        raise ParamError("prompt", "prompt is required: send the text to continue")
+        raise _invalid("prompt", "prompt is required: send the text to continue")
     text = _text(prompt, "prompt")
     if not text:
-        raise ParamError("prompt", "prompt is empty; send some text")
-    message.features[PROMPT_FEATURE].string_value = text
-    message.config.apply_chat_template = False
+        raise _invalid("prompt", "prompt is empty; send some text")
     stream, include_usage = _stream_options(fields)
-    return OpenAIRequest(message, stream, include_usage)
-
-
-def in_openai_terms(exc: InvalidRequestError) -> InvalidRequestError:
-    """A contract check's error, worded for an OpenAI client.
-
-    The contract names its fields ``config.top_p``, ``messages[0].role``...; the
-    OpenAI body calls the first ``top_p``, so "config." is dropped and the field
-    becomes the error's ``param``. A message in any other shape is kept as it is.
-    """
-    message = str(exc)
-    field = re.search(r"\bconfig\.(\w+)", message)
-    if field:
-        return ParamError(field.group(1), message.replace("config.", ""))
-    turn = re.match(r"messages\[\d+\]\.\w+", message)
-    if turn:
-        return ParamError(turn.group(0), message)
-    return exc
+    draft = dataclasses.replace(draft, prompt=text, apply_chat_template=False)
+    return OpenAIRequest(draft, stream, include_usage)
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -459,12 +490,29 @@ def _head(info: ResponseInfo, kind: str) -> JsonObject:
     }
 
 
-def chat_completion(info: ResponseInfo, completion: Completion) -> JsonObject:
+def _tool_call_json(call: ToolCall) -> JsonObject:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _finish_reason(reason: FinishReason, called: bool) -> str:
+    return "tool_calls" if finish_with_calls(reason, called) else FINISH_REASONS[reason]
+
+
+def chat_completion(info: ResponseInfo, completion: Completion, reading: ToolReading) -> JsonObject:
+    content, calls = read_tool_calls(reading, completion.text)
+    message: JsonObject = {"role": "assistant", "content": content}
+    if calls:
+        message["content"] = content or None
+        message["tool_calls"] = [_tool_call_json(call) for call in calls]
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": completion.text},
+        "message": message,
         "logprobs": None,
-        "finish_reason": FINISH_REASONS[completion.finish_reason],
+        "finish_reason": _finish_reason(completion.finish_reason, bool(calls)),
     }
     return {
         **_head(info, "chat.completion"),
@@ -498,16 +546,26 @@ def text_completion(info: ResponseInfo, completion: Completion) -> JsonObject:
 class Chunks:
     """The chunks of one streamed answer, as OpenAI sends them.
 
-    Chat: a first chunk with the assistant role, one per piece of text, a last one
-    with ``finish_reason`` and an empty delta; completions: one per piece of text
-    and a last one with ``finish_reason``. With ``include_usage`` every chunk has
-    ``usage: null`` and one more, with no choices, carries the usage.
+    Chat: a first chunk with the assistant role, one per piece of text or tool-call
+    delta, a last one with ``finish_reason`` and an empty delta; completions: one per
+    piece of text and a last one with ``finish_reason``. With ``include_usage`` every
+    chunk has ``usage: null`` and one more, with no choices, carries the usage.
+
+    With a tool-call format, the text goes through its parser: text before a call
+    streams as content; a call streams as ``delta.tool_calls`` (its index, id and
+    name, then its arguments), and the markup around it never reaches content.
     """
 
-    def __init__(self, info: ResponseInfo, chat: bool, include_usage: bool) -> None:
+    def __init__(
+        self, info: ResponseInfo, chat: bool, include_usage: bool, tools: ToolReading | None = None
+    ) -> None:
         self._info = info
         self._chat = chat
         self._include_usage = include_usage
+        self._parser = (
+            stream_for(tools.format, tools.names) if chat and tools and tools.format else None
+        )
+        self._called = False
 
     def _chunk(self, choices: list[JsonObject]) -> JsonObject:
         kind = "chat.completion.chunk" if self._chat else "text_completion"
@@ -516,11 +574,16 @@ class Chunks:
             chunk["usage"] = None
         return chunk
 
-    def _choice(self, text: str | None, finish_reason: str | None) -> JsonObject:
+    def _choice(self, delta: JsonObject | None, finish_reason: str | None) -> JsonObject:
         if self._chat:
-            delta: JsonObject = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {
+                "index": 0,
+                "delta": delta or {},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        text = (delta or {}).get("content", "")
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     def opening(self) -> list[JsonObject]:
         if not self._chat:
@@ -528,11 +591,36 @@ class Chunks:
         first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
         return [self._chunk([{**first, "finish_reason": None}])]
 
-    def text(self, piece: str) -> JsonObject:
-        return self._chunk([self._choice(piece, None)])
+    def _delta(self, delta: ContentDelta | ToolCallDelta) -> JsonObject | None:
+        if isinstance(delta, ContentDelta):
+            return {"content": delta.text} if delta.text else None
+        self._called = True
+        call: JsonObject = {"index": delta.index}
+        function: JsonObject = {"arguments": delta.arguments}
+        if delta.id:
+            call.update(id=delta.id, type="function")
+        if delta.name:
+            function["name"] = delta.name
+        call["function"] = function
+        return {"tool_calls": [call]}
+
+    def _from(self, deltas: list[ContentDelta | ToolCallDelta]) -> list[JsonObject]:
+        chunks = []
+        for delta in deltas:
+            body = self._delta(delta)
+            if body is not None:
+                chunks.append(self._chunk([self._choice(body, None)]))
+        return chunks
+
+    def text(self, piece: str) -> list[JsonObject]:
+        if self._parser is None:
+            return [self._chunk([self._choice({"content": piece}, None)])]
+        return self._from(self._parser.feed(piece))
 
     def closing(self, end: StreamEnd) -> list[JsonObject]:
-        chunks = [self._chunk([self._choice(None, FINISH_REASONS[end.finish_reason])])]
+        chunks = self._from(self._parser.finish()) if self._parser is not None else []
+        reason = _finish_reason(end.finish_reason, self._called)
+        chunks.append(self._chunk([self._choice(None, reason)]))
         if self._include_usage:
             chunks.append(
                 {

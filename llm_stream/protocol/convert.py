@@ -1,34 +1,29 @@
-"""protobuf messages <-> engine types, with the request checks that need no model.
+"""protobuf messages <-> the shared request and the engine's results.
 
-Proto3 scalars cannot say "unset", so 0 means "use the default" for max_tokens,
-top_p, top_k and repetition_penalty (the model's generation_config.json default,
-filled when the model prepares the request), and temperature 0 means greedy
-unless ``use_model_temperature`` asks for the model's temperature.
+Only what is the contract's own is checked here (the prompt feature's shape, a
+prompt and messages together); the values are checked by the front door, as for
+the HTTP API.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
-from dataclasses import dataclass
 from itertools import islice
 
 from llm_stream.engine.types import (
-    CHAT_ROLES,
     ChatTurn,
     Completion,
     FinishReason,
-    GenerationRequest,
-    SamplingParams,
     StreamEnd,
     TokenEvent,
+    ToolCall,
+    ToolSpec,
 )
-from llm_stream.errors import InvalidRequestError, quoted_input
+from llm_stream.errors import InvalidRequestError
+from llm_stream.front_door.request import RequestDraft
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 
 PROMPT_FEATURE = "prompt"
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_LENGTH = 256
 # A client's request_id is kept to this many printable characters (README, "Error codes").
 MAX_REQUEST_ID_LENGTH = 128
 # Only this many characters of a client's request_id are looked at, so that a huge id
@@ -41,12 +36,18 @@ FINISH_REASON_TO_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    default_max_tokens: int = 256
-    max_tokens_cap: int = 2048
+# The contract's field names, for the shared checks' messages.
+CONFIG_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "continue_final_message",
+    "json_schema",
+)
+FIELD_NAMES = {name: f"config.{name}" for name in CONFIG_FIELDS}
 
 
 def clean_request_id(raw: str) -> str:
@@ -73,54 +74,74 @@ def request_id_of(message: pb.PredictRequest) -> str:
     return request_id_from(message.request_id)
 
 
-def to_generation_request(
-    message: pb.PredictRequest, limits: RequestLimits, request_id: str | None = None
-) -> GenerationRequest:
+def draft_from_pb(message: pb.PredictRequest, request_id: str | None = None) -> RequestDraft:
+    """A PredictRequest as the shared request (checked by ``front_door.request.validate``).
+
+    Proto3 scalars cannot say "unset", so 0 means "left out" for max_tokens, top_p,
+    top_k and repetition_penalty, and temperature 0 is greedy unless
+    ``use_model_temperature`` asks for the model's temperature."""
     config = message.config
     messages = _conversation(message)
-    return GenerationRequest(
+    return RequestDraft(
         request_id=request_id or request_id_of(message),
         model_id=message.model_id,
-        prompt="" if messages else _prompt(message),
+        prompt=None if messages else _prompt(message),
         messages=messages,
-        sampling=_sampling(config, limits),
+        max_tokens=config.max_tokens or None,
+        temperature=(
+            None if config.use_model_temperature and config.temperature == 0 else config.temperature
+        ),
+        top_p=config.top_p or None,
+        top_k=config.top_k or None,
+        repetition_penalty=config.repetition_penalty or None,
+        seed=config.seed if config.HasField("seed") else None,
+        stop=tuple(config.stop),
         apply_chat_template=(
             config.apply_chat_template if config.HasField("apply_chat_template") else None
         ),
-        continue_final_message=_continues(config, messages),
+        continue_final_message=config.continue_final_message,
+        tools=tuple(
+            ToolSpec(tool.name, tool.description, tool.parameters_json or EMPTY_PARAMETERS)
+            for tool in message.tools
+        ),
+        tool_choice=_tool_choice(message.tool_choice),
+        tool_name=message.tool_choice if _tool_choice(message.tool_choice) == "function" else "",
+        parallel_tool_calls=(
+            message.parallel_tool_calls if message.HasField("parallel_tool_calls") else True
+        ),
+        json_schema=config.json_schema or None,
+        names=FIELD_NAMES,
     )
 
 
-def _continues(config: pb.InferenceConfig, messages: tuple[ChatTurn, ...]) -> bool:
-    if not config.continue_final_message:
-        return False
-    if not messages or messages[-1].role != "assistant":
-        raise InvalidRequestError(
-            "config.continue_final_message carries on the conversation's last message, which "
-            "must be an assistant message; end messages with one, or leave the flag unset"
-        )
-    return True
+EMPTY_PARAMETERS = '{"type": "object", "properties": {}}'
+
+
+def _tool_choice(choice: str) -> str:
+    """The contract's tool_choice: a keyword, or a function's name."""
+    if choice in ("", "auto"):
+        return "auto"
+    return choice if choice in ("none", "required") else "function"
 
 
 def _conversation(message: pb.PredictRequest) -> tuple[ChatTurn, ...]:
-    """The request's ``messages``, checked; empty when it sends a prompt instead."""
+    """The request's ``messages``; empty when it sends a prompt instead."""
     if not message.messages:
         return ()
     if PROMPT_FEATURE in message.features:
         raise InvalidRequestError(
             "the request has both messages and features['prompt']; send one or the other"
         )
-    turns = []
-    for index, turn in enumerate(message.messages):
-        if turn.role not in CHAT_ROLES:
-            raise InvalidRequestError(
-                f"messages[{index}].role must be {', '.join(CHAT_ROLES[:-1])} or "
-                f"{CHAT_ROLES[-1]}, got {quoted_input(turn.role, 40)}"
-            )
-        turns.append(ChatTurn(turn.role, turn.content))
-    if not any(turn.content for turn in turns):
-        raise InvalidRequestError("the conversation is empty: every message's content is empty")
-    return tuple(turns)
+    return tuple(
+        ChatTurn(
+            turn.role,
+            turn.content,
+            tuple(ToolCall(c.id, c.name, c.arguments_json or "{}") for c in turn.tool_calls),
+            turn.tool_call_id,
+            turn.name,
+        )
+        for turn in message.messages
+    )
 
 
 def _prompt(message: pb.PredictRequest) -> str:
@@ -138,71 +159,6 @@ def _prompt(message: pb.PredictRequest) -> str:
     if not feature.string_value:
         raise InvalidRequestError("features['prompt'] is empty; send some text")
     return feature.string_value
-
-
-def _finite(name: str, value: float) -> float:
-    if math.isnan(value) or math.isinf(value):
-        raise InvalidRequestError(f"config.{name} must be a finite number, got {value}")
-    return value
-
-
-def _sampling(config: pb.InferenceConfig, limits: RequestLimits) -> SamplingParams:
-    temperature = _finite("temperature", config.temperature)
-    if temperature < 0:
-        raise InvalidRequestError(
-            f"config.temperature must be >= 0 (0 is greedy), got {temperature:g}"
-        )
-    if config.max_tokens < 0:
-        raise InvalidRequestError(
-            f"config.max_tokens must be >= 0 (0 is the server default), got {config.max_tokens}"
-        )
-    if config.max_tokens > limits.max_tokens_cap:
-        raise InvalidRequestError(
-            f"config.max_tokens {config.max_tokens} is above this server's cap of "
-            f"{limits.max_tokens_cap}; ask for at most {limits.max_tokens_cap}"
-        )
-    top_p = _finite("top_p", config.top_p)
-    if top_p < 0 or top_p > 1:
-        raise InvalidRequestError(f"config.top_p must be in (0, 1] (0 means unset), got {top_p:g}")
-    if config.top_k < 0:
-        raise InvalidRequestError(f"config.top_k must be >= 0 (0 disables), got {config.top_k}")
-    penalty = _finite("repetition_penalty", config.repetition_penalty)
-    if penalty < 0:
-        raise InvalidRequestError(
-            f"config.repetition_penalty must be > 0 (0 means unset), got {penalty:g}"
-        )
-    stops = tuple(config.stop)
-    if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidRequestError(
-            f"config.stop has {len(stops)} sequences; at most {MAX_STOP_SEQUENCES} are allowed"
-        )
-    for stop in stops:
-        if not stop or len(stop) > MAX_STOP_LENGTH:
-            raise InvalidRequestError(
-                f"each config.stop sequence must be 1 to {MAX_STOP_LENGTH} characters long"
-            )
-    model_temperature = config.use_model_temperature and temperature == 0
-    unset = {
-        name
-        for name, left_out in (
-            ("temperature", model_temperature),
-            ("top_p", top_p == 0),
-            ("top_k", config.top_k == 0),
-            ("repetition_penalty", penalty == 0),
-        )
-        if left_out
-    }
-    return SamplingParams(
-        max_tokens=config.max_tokens or limits.default_max_tokens,
-        max_tokens_explicit=config.max_tokens > 0,
-        temperature=1.0 if model_temperature else temperature,
-        top_p=top_p or 1.0,
-        top_k=config.top_k,
-        seed=config.seed if config.HasField("seed") else None,
-        repetition_penalty=penalty or 1.0,
-        stop=stops,
-        unset=frozenset(unset),
-    )
 
 
 def usage_pb(prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int) -> pb.Usage:

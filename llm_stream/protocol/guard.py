@@ -29,9 +29,9 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from llm_stream.access import AccessControl
-from llm_stream.errors import LLMStreamError
-from llm_stream.logging_setup import key_id_var, request_id_var
+from llm_stream.errors import InvalidRequestError, LLMStreamError
+from llm_stream.front_door.admission import Admission
+from llm_stream.logging_setup import request_id_var
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.protocol.status import abort_with, status_for
 
@@ -71,22 +71,14 @@ def generations_held(request: Message) -> int:
 class CallGate:
     """Decoding, authentication and the per-key cap, in front of every call of the service."""
 
-    def __init__(
-        self,
-        access: AccessControl,
-        pushback_ms: int = 500,
-        on_rejected: Callable[[str], None] = lambda _code: None,
-    ) -> None:
-        self.access = access
+    def __init__(self, admission: Admission, pushback_ms: int = 500) -> None:
+        self.admission = admission
         self._pushback_ms = pushback_ms
-        self._on_rejected = on_rejected
 
-    async def _reject(
-        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
-    ) -> NoReturn:
-        self._on_rejected(code.name)
+    async def _reject(self, context: grpc.aio.ServicerContext, exc: LLMStreamError) -> NoReturn:
         # The peer, so that repeated refusals (a key being guessed) can be traced.
-        log.info("request from %s rejected: %s %s", context.peer(), code.name, message)
+        self.admission.rejected(exc, "", context.peer())
+        code, message = status_for(exc, "")
         await abort_with(context, code, message, self._pushback_ms)
 
     async def reject_undecodable(
@@ -94,9 +86,10 @@ class CallGate:
     ) -> NoReturn:
         await self._reject(
             context,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the request is not a valid {request.type_name} (malformed protobuf, or a "
-            f"string field that is not UTF-8); send a {request.type_name} message",
+            InvalidRequestError(
+                f"the request is not a valid {request.type_name} (malformed protobuf, or a "
+                f"string field that is not UTF-8); send a {request.type_name} message"
+            ),
         )
 
     async def admit(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[str, int]:
@@ -106,18 +99,16 @@ class CallGate:
         units = 0 if isinstance(request, Undecodable) else generations_held(request)
         try:
             authorization = dict(context.invocation_metadata() or ()).get("authorization")
-            key = self.access.authenticate(None if authorization is None else str(authorization))
-            key_id_var.set(key)
+            key = self.admission.authenticate(None if authorization is None else str(authorization))
             if isinstance(request, Undecodable):
                 await self.reject_undecodable(request, context)
-            self.access.acquire(key, units)
+            self.admission.hold(key, units)
         except LLMStreamError as exc:
-            code, message = status_for(exc, "")
-            await self._reject(context, code, message)
+            await self._reject(context, exc)
         return key, units
 
     def release(self, key: str, units: int) -> None:
-        self.access.release(key, units)
+        self.admission.release(key, units)
 
 
 async def _internal(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:

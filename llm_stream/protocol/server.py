@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llm_stream.access import AccessControl
+from llm_stream.front_door.admission import Admission
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.protocol.guard import CallGate, guarded_service_handler
 from llm_stream.protocol.health import HealthState
@@ -77,7 +78,7 @@ def build_grpc_server(
             (
                 guarded_service_handler(
                     reflection.aio.ReflectionServicer(names),
-                    CallGate(AccessControl()),
+                    CallGate(Admission(AccessControl())),
                     REFLECTION_SERVICE,
                     reflection_pb2,
                 ),
@@ -89,7 +90,7 @@ def build_grpc_server(
 def health_handler(health_state: HealthState) -> grpc.GenericRpcHandler:
     """grpc.health.v1, open to all, with the same decoding and last-net as the service."""
     return guarded_service_handler(
-        health_state.servicer, CallGate(AccessControl()), HEALTH_SERVICE, health_pb2
+        health_state.servicer, CallGate(Admission(AccessControl())), HEALTH_SERVICE, health_pb2
     )
 
 

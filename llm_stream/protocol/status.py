@@ -1,4 +1,5 @@
-"""The one table from domain exceptions to gRPC status codes."""
+"""gRPC status codes and messages for domain exceptions, read from the one table
+(:data:`llm_stream.errors.ERROR_KINDS`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,7 @@ from typing import NoReturn
 
 import grpc
 
-from llm_stream.errors import (
-    InvalidRequestError,
-    LLMStreamError,
-    ModelLoadError,
-    ModelNotFoundError,
-    OverloadedError,
-    UnauthenticatedError,
-    UnavailableError,
-)
+from llm_stream.errors import client_message, kind_of
 
 # The trailing metadata gRPC clients' retry policies read as "wait this long, then retry".
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -25,28 +18,11 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # clients drop a call whose metadata passes 8 to 16 KiB ("Stream removed").
 MAX_MESSAGE_LENGTH = 512
 
-STATUS_FOR_ERROR: dict[type[LLMStreamError], grpc.StatusCode] = {
-    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
-    UnavailableError: grpc.StatusCode.UNAVAILABLE,
-    ModelLoadError: grpc.StatusCode.UNAVAILABLE,
-}
-
 
 def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     """The code and client-facing message for ``exc``; unknown errors never leak a trace."""
-    for kind in type(exc).__mro__:
-        code = STATUS_FOR_ERROR.get(kind)
-        if code is not None:
-            return code, bounded_message(str(exc))
-    return (
-        grpc.StatusCode.INTERNAL,
-        bounded_message(
-            f"internal error while serving request {request_id}; the server log has the details"
-        ),
-    )
+    code = grpc.StatusCode[kind_of(exc).grpc_code]
+    return code, bounded_message(client_message(exc, request_id))
 
 
 def jittered(pushback_ms: int) -> int:

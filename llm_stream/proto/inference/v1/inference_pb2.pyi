@@ -41,6 +41,8 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """The client cancelled, disconnected, its deadline expired, or the server
     drained.
     """
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 5
+    """Added: the model called tools (tool_calls holds the calls)."""
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Added: why generation ended."""
@@ -56,6 +58,8 @@ FINISH_REASON_CANCELLED: FinishReason.ValueType  # 4
 """The client cancelled, disconnected, its deadline expired, or the server
 drained.
 """
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 5
+"""Added: the model called tools (tool_calls holds the calls)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
 @_typing.final
@@ -88,12 +92,23 @@ class PredictRequest(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """Registry key of the model; empty selects the server's default model."""
     request_id: _builtins.str
     """Echoed in the response and used in the server's log lines; the server
     generates one when empty.
     """
+    tool_choice: _builtins.str
+    """Added: "" or "auto" (the model may call a tool), "none" (it may not; tools
+    are left out of the prompt), "required" (it must call one), or a function's
+    name (it must call that one). A required call is generated under guided
+    decoding, so it always parses and matches the function's parameters.
+    """
+    parallel_tool_calls: _builtins.bool
+    """Added: with a required call, whether one answer may make several. Unset: yes."""
     @_builtins.property
     def features(self) -> _containers.MessageMap[_builtins.str, Global___FeatureValue]:
         """The prompt travels as features["prompt"].string_value."""
@@ -108,6 +123,12 @@ class PredictRequest(_message.Message):
         plain fallback documented in the README.
         """
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Added: functions the model may call. The chat template renders them where
+        it takes tools; the calls the model makes come back in tool_calls.
+        """
+
     def __init__(
         self,
         *,
@@ -116,12 +137,17 @@ class PredictRequest(_message.Message):
         features: _abc.Mapping[_builtins.str, Global___FeatureValue] | None = ...,
         config: Global___InferenceConfig | None = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: _builtins.str = ...,
+        parallel_tool_calls: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "config", b"config", "parallel_tool_calls", b"parallel_tool_calls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "features", b"features", "messages", b"messages", "model_id", b"model_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "config", b"config", "features", b"features", "messages", b"messages", "model_id", b"model_id", "parallel_tool_calls", b"parallel_tool_calls", "request_id", b"request_id", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
 
 Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
 
@@ -133,22 +159,92 @@ class ChatMessage(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """"system", "user" or "assistant"."""
+    """"system", "user", "assistant" or (added) "tool"."""
     content: _builtins.str
+    tool_call_id: _builtins.str
+    """Added: a tool message answers the call with this id..."""
+    name: _builtins.str
+    """Added: ...made to this function."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Added: an assistant message's tool calls."""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class Tool(_message.Message):
+    """Added: a function the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    description: _builtins.str
+    parameters_json: _builtins.str
+    """The JSON Schema of its arguments object, as JSON text; empty: no arguments."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_json", b"parameters_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """Added: a call the model made."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    arguments_json: _builtins.str
+    """The arguments, a JSON object's text."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
 
 @_typing.final
 class FeatureValue(_message.Message):
@@ -229,6 +325,8 @@ class PredictResponse(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     latency_ms: _builtins.float
     """Server-side time from admission to the last token, in milliseconds."""
@@ -238,6 +336,10 @@ class PredictResponse(_message.Message):
     """Added: the generated text (stop sequences excluded)."""
     finish_reason: Global___FinishReason.ValueType
     """Added: why generation ended."""
+    content: _builtins.str
+    """Added, with tool_calls: the text without the calls' markup (what a chat
+    shows); text stays the whole generated text.
+    """
     @_builtins.property
     def predictions(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """At least "prompt_tokens" and "completion_tokens"."""
@@ -245,6 +347,10 @@ class PredictResponse(_message.Message):
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Added: token counts, the same numbers as predictions' counts."""
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Added: the tool calls the model made (finish_reason TOOL_CALLS)."""
 
     def __init__(
         self,
@@ -256,10 +362,12 @@ class PredictResponse(_message.Message):
         text: _builtins.str = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        content: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "model_version", b"model_version", "predictions", b"predictions", "request_id", b"request_id", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "finish_reason", b"finish_reason", "latency_ms", b"latency_ms", "model_version", b"model_version", "predictions", b"predictions", "request_id", b"request_id", "text", b"text", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -275,6 +383,8 @@ class PredictToken(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The text this token adds. Empty while a multi-byte character or a
     possible stop sequence is held back; the held text arrives with a later
@@ -290,9 +400,19 @@ class PredictToken(_message.Message):
     """Added: vocabulary id of the generated token (absent on the final message)."""
     finish_reason: Global___FinishReason.ValueType
     """Added, final message only: why generation ended."""
+    content: _builtins.str
+    """Added, final message only, with tool_calls: the text without the calls'
+    markup.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Added, final message only: token counts."""
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Added, final message only: the tool calls the model made; the token
+        messages carried their markup as text.
+        """
 
     def __init__(
         self,
@@ -303,10 +423,12 @@ class PredictToken(_message.Message):
         token_id: _builtins.int | None = ...,
         finish_reason: Global___FinishReason.ValueType = ...,
         usage: Global___Usage | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        content: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_token_id", b"_token_id", "token_id", b"token_id", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_token_id", b"_token_id", "finish_reason", b"finish_reason", "is_final", b"is_final", "token", b"token", "token_id", b"token_id", "token_index", b"token_index", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_token_id", b"_token_id", "content", b"content", "finish_reason", b"finish_reason", "is_final", b"is_final", "token", b"token", "token_id", b"token_id", "token_index", b"token_index", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__token_id: _TypeAlias = _typing.Literal["token_id"]  # noqa: Y015
     _WhichOneofArgType__token_id: _TypeAlias = _typing.Literal["_token_id", b"_token_id"]  # noqa: Y015
@@ -361,6 +483,7 @@ class InferenceConfig(_message.Message):
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     USE_MODEL_TEMPERATURE_FIELD_NUMBER: _builtins.int
     CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 selects greedy decoding; negative is invalid."""
     max_tokens: _builtins.int
@@ -394,6 +517,11 @@ class InferenceConfig(_message.Message):
     text continues it. Needs messages ending with an "assistant" message. How a
     client resumes a stream cut after some tokens (see the README).
     """
+    json_schema: _builtins.str
+    """Added: structured output. A JSON Schema, as JSON text: the output is JSON
+    matching it, whatever the model (guided decoding); '{"type": "object"}'
+    asks for any JSON object. Empty: free text.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Added: generation stops before any of these strings; the stop text is
@@ -413,10 +541,11 @@ class InferenceConfig(_message.Message):
         apply_chat_template: _builtins.bool | None = ...,
         use_model_temperature: _builtins.bool = ...,
         continue_final_message: _builtins.bool = ...,
+        json_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "continue_final_message", b"continue_final_message", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "use_model_temperature", b"use_model_temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template", "_seed", b"_seed", "apply_chat_template", b"apply_chat_template", "continue_final_message", b"continue_final_message", "json_schema", b"json_schema", "max_tokens", b"max_tokens", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "use_model_temperature", b"use_model_temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__apply_chat_template: _TypeAlias = _typing.Literal["apply_chat_template"]  # noqa: Y015
     _WhichOneofArgType__apply_chat_template: _TypeAlias = _typing.Literal["_apply_chat_template", b"_apply_chat_template"]  # noqa: Y015

@@ -56,6 +56,31 @@ export declare type PredictRequest = Message<"inference.v1.PredictRequest"> & {
    * @generated from field: repeated inference.v1.ChatMessage messages = 5;
    */
   messages: ChatMessage[];
+
+  /**
+   * Added: functions the model may call. The chat template renders them where
+   * it takes tools; the calls the model makes come back in tool_calls.
+   *
+   * @generated from field: repeated inference.v1.Tool tools = 6;
+   */
+  tools: Tool[];
+
+  /**
+   * Added: "" or "auto" (the model may call a tool), "none" (it may not; tools
+   * are left out of the prompt), "required" (it must call one), or a function's
+   * name (it must call that one). A required call is generated under guided
+   * decoding, so it always parses and matches the function's parameters.
+   *
+   * @generated from field: string tool_choice = 7;
+   */
+  toolChoice: string;
+
+  /**
+   * Added: with a required call, whether one answer may make several. Unset: yes.
+   *
+   * @generated from field: optional bool parallel_tool_calls = 8;
+   */
+  parallelToolCalls?: boolean | undefined;
 };
 
 /**
@@ -71,7 +96,7 @@ export declare const PredictRequestSchema: GenMessage<PredictRequest>;
  */
 export declare type ChatMessage = Message<"inference.v1.ChatMessage"> & {
   /**
-   * "system", "user" or "assistant".
+   * "system", "user", "assistant" or (added) "tool".
    *
    * @generated from field: string role = 1;
    */
@@ -81,6 +106,27 @@ export declare type ChatMessage = Message<"inference.v1.ChatMessage"> & {
    * @generated from field: string content = 2;
    */
   content: string;
+
+  /**
+   * Added: an assistant message's tool calls.
+   *
+   * @generated from field: repeated inference.v1.ToolCall tool_calls = 3;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * Added: a tool message answers the call with this id...
+   *
+   * @generated from field: string tool_call_id = 4;
+   */
+  toolCallId: string;
+
+  /**
+   * Added: ...made to this function.
+   *
+   * @generated from field: string name = 5;
+   */
+  name: string;
 };
 
 /**
@@ -88,6 +134,66 @@ export declare type ChatMessage = Message<"inference.v1.ChatMessage"> & {
  * Use `create(ChatMessageSchema)` to create a new message.
  */
 export declare const ChatMessageSchema: GenMessage<ChatMessage>;
+
+/**
+ * Added: a function the model may call.
+ *
+ * @generated from message inference.v1.Tool
+ */
+export declare type Tool = Message<"inference.v1.Tool"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: string description = 2;
+   */
+  description: string;
+
+  /**
+   * The JSON Schema of its arguments object, as JSON text; empty: no arguments.
+   *
+   * @generated from field: string parameters_json = 3;
+   */
+  parametersJson: string;
+};
+
+/**
+ * Describes the message inference.v1.Tool.
+ * Use `create(ToolSchema)` to create a new message.
+ */
+export declare const ToolSchema: GenMessage<Tool>;
+
+/**
+ * Added: a call the model made.
+ *
+ * @generated from message inference.v1.ToolCall
+ */
+export declare type ToolCall = Message<"inference.v1.ToolCall"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string name = 2;
+   */
+  name: string;
+
+  /**
+   * The arguments, a JSON object's text.
+   *
+   * @generated from field: string arguments_json = 3;
+   */
+  argumentsJson: string;
+};
+
+/**
+ * Describes the message inference.v1.ToolCall.
+ * Use `create(ToolCallSchema)` to create a new message.
+ */
+export declare const ToolCallSchema: GenMessage<ToolCall>;
 
 /**
  * @generated from message inference.v1.FeatureValue
@@ -189,6 +295,21 @@ export declare type PredictResponse = Message<"inference.v1.PredictResponse"> & 
    * @generated from field: inference.v1.Usage usage = 7;
    */
   usage?: Usage | undefined;
+
+  /**
+   * Added: the tool calls the model made (finish_reason TOOL_CALLS).
+   *
+   * @generated from field: repeated inference.v1.ToolCall tool_calls = 8;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * Added, with tool_calls: the text without the calls' markup (what a chat
+   * shows); text stays the whole generated text.
+   *
+   * @generated from field: string content = 9;
+   */
+  content: string;
 };
 
 /**
@@ -245,6 +366,22 @@ export declare type PredictToken = Message<"inference.v1.PredictToken"> & {
    * @generated from field: inference.v1.Usage usage = 6;
    */
   usage?: Usage | undefined;
+
+  /**
+   * Added, final message only: the tool calls the model made; the token
+   * messages carried their markup as text.
+   *
+   * @generated from field: repeated inference.v1.ToolCall tool_calls = 7;
+   */
+  toolCalls: ToolCall[];
+
+  /**
+   * Added, final message only, with tool_calls: the text without the calls'
+   * markup.
+   *
+   * @generated from field: string content = 8;
+   */
+  content: string;
 };
 
 /**
@@ -370,6 +507,15 @@ export declare type InferenceConfig = Message<"inference.v1.InferenceConfig"> & 
    * @generated from field: bool continue_final_message = 10;
    */
   continueFinalMessage: boolean;
+
+  /**
+   * Added: structured output. A JSON Schema, as JSON text: the output is JSON
+   * matching it, whatever the model (guided decoding); '{"type": "object"}'
+   * asks for any JSON object. Empty: free text.
+   *
+   * @generated from field: string json_schema = 11;
+   */
+  jsonSchema: string;
 };
 
 /**
@@ -576,6 +722,13 @@ export enum FinishReason {
    * @generated from enum value: FINISH_REASON_CANCELLED = 4;
    */
   CANCELLED = 4,
+
+  /**
+   * Added: the model called tools (tool_calls holds the calls).
+   *
+   * @generated from enum value: FINISH_REASON_TOOL_CALLS = 5;
+   */
+  TOOL_CALLS = 5,
 }
 
 /**
