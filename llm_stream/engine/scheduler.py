@@ -20,6 +20,8 @@ The runner carries a plan out, on a GPU without waiting for it: while the
 device computes step N the scheduler plans and launches step N+1, then
 collects step N's tokens (``StepRunner.pipeline_depth``). A row that ends on
 an end-of-sequence token thus computes one token too many, which is dropped.
+The depth is read after every launch: a runner drops it to 0 while its next
+step needs this one's tokens on the host (a guided row's grammar mask).
 Token ids go out as plain values, once per step; text is made elsewhere.
 
 No torch here: the model's runner does the tensor work, so the scheduling rules
@@ -217,6 +219,7 @@ class Scheduler:
                 self._lose_batch(exc)
                 return
             self._in_flight.append(plan)
+        # Read after the launch: the rows it added may need their tokens collected now.
         depth = self._runner.pipeline_depth if plan.computes else 0
         while len(self._in_flight) > depth:
             self._collect()

@@ -162,6 +162,9 @@ class PreparedRequest:
     # Token ids that end generation (the model's end-of-sequence ids): the scheduler
     # frees a row on them without waiting for its text.
     stop_token_ids: frozenset[int] = frozenset()
+    # Guided decoding: request.constraint compiled by the model layer (opaque here; it
+    # never leaves the process that prepared it). None: free text.
+    grammar: Any = None
 
     @property
     def token_cost(self) -> int:

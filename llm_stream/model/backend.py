@@ -23,6 +23,7 @@ from llm_stream.engine.types import (
 )
 from llm_stream.errors import InvalidRequestError
 from llm_stream.model.chat import chat_template_text, plain_conversation, templated_conversation
+from llm_stream.model.guided import Grammars, logits_width
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.text_assembler import TextAssembler
 from llm_stream.tool_calls import tool_format_of
@@ -51,6 +52,8 @@ class HFBackend:
         self._runner = runner
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self._eos_ids = eos_token_ids(model, tokenizer)
+        # Guided decoding's grammars, compiled for this tokenizer and logits width.
+        self._grammars = Grammars(model_id, tokenizer, logits_width(model), self._eos_ids)
         self.sampling_defaults = sampling_defaults(model)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         # How the model writes tool calls (None: its template takes no tools).
@@ -80,8 +83,15 @@ class HFBackend:
         if sampling.unset:
             sampling = with_model_defaults(sampling, self.sampling_defaults)
             request = dataclasses.replace(request, sampling=sampling)
+        grammar = None
+        if request.constraint is not None:  # compiled here, on a preparation thread
+            grammar = self._grammars.compile(request.constraint)
         return PreparedRequest(
-            request, tuple(ids), min(sampling.max_tokens, room), stop_token_ids=self._eos_ids
+            request,
+            tuple(ids),
+            min(sampling.max_tokens, room),
+            stop_token_ids=self._eos_ids,
+            grammar=grammar,
         )
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:

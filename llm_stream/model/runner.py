@@ -11,6 +11,12 @@ work, and the one device-to-host copy of the chosen tokens is waited for in
 ``collect``, which the scheduler calls after launching the next step. The
 decode forward itself is replayed from a CUDA graph where one was captured
 (:mod:`llm_stream.model.cuda_graphs`). Runs on the model's scheduler thread only.
+
+Guided decoding (:mod:`llm_stream.model.guided`): a constrained row's logits are
+masked by its grammar before sampling, outside any graph, and its matcher takes
+the row's token in ``collect``. The mask of step N+1 needs step N's token, so
+while any row is constrained the runner's ``pipeline_depth`` is 0: the scheduler
+collects each step before it launches the next. Free rows alone pipeline as before.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from llm_stream.engine.types import (
     StepTokens,
 )
 from llm_stream.model.cuda_graphs import DecodeGraphs
+from llm_stream.model.guided import GuidedRows
 from llm_stream.model.prefix_cache import (
     PrefixCache,
     Reuse,
@@ -104,8 +111,9 @@ class HFStepRunner:
         self._device = batch.device
         self._pad_id = pad_id
         self.budget = budget
-        self.pipeline_depth = 1 if self._device.type == "cuda" else 0
+        self._depth = 1 if self._device.type == "cuda" else 0
         self._sampler = BatchSampler(batch.capacity_rows, self._device)
+        self._guided = GuidedRows(self._device)
         self._partial: dict[int, PartialPrompt] = {}
         self._in_flight: collections.deque[_Launched] = collections.deque()
         self.graphs: DecodeGraphs | None = None
@@ -125,6 +133,16 @@ class HFStepRunner:
     @property
     def rows(self) -> int:
         return self._batch.rows
+
+    @property
+    def pipeline_depth(self) -> int:
+        """Steps the scheduler may keep in flight: 0 while a constrained row needs each
+        token on the host before its next mask; 1 otherwise on a GPU."""
+        return 0 if self._guided.active else self._depth
+
+    @pipeline_depth.setter
+    def pipeline_depth(self, depth: int) -> None:
+        self._depth = depth
 
     # -- the seam ----------------------------------------------------------------
 
@@ -197,16 +215,14 @@ class HFStepRunner:
         if launched.done is not None:
             launched.done.synchronize()
         values = [] if launched.tokens is None else launched.tokens.tolist()
+        tokens = tuple(zip(launched.keys, values, strict=True))
+        self._guided.accept(tokens)
         if self.prefix is not None:
             for key, token in zip(launched.keys, values, strict=True):
                 history = self._history.get(key)
                 if history is not None:
                     history.append(token)
-        return StepTokens(
-            launched.step,
-            tuple(zip(launched.keys, values, strict=True)),
-            tuple(launched.failed),
-        )
+        return StepTokens(launched.step, tokens, tuple(launched.failed))
 
     @torch.inference_mode()
     def reset(self) -> None:
@@ -216,6 +232,7 @@ class HFStepRunner:
         self._costs.clear()
         self._reuse.clear()
         self._history.clear()
+        self._guided.clear()
         if self.prefix is not None:
             self.prefix.clear()
         self._batch.reset()
@@ -232,6 +249,7 @@ class HFStepRunner:
             self._costs.pop(key, None)
         if self._staged in keys:
             self._staged = None
+        self._guided.drop(keys)
         if self.prefix is not None:
             self._store_leaving(keys)
         before = self._batch.rows
@@ -269,6 +287,7 @@ class HFStepRunner:
         else:
             batch.ensure(rows, width)  # this step writes at width - 1, and opens width
             logits = self.forward_decode(rows, width)
+        logits = self._guided.mask(logits, batch.keys[:rows])
         tokens = self._sampler.sample(logits, slice(0, rows), lambda: batch.pos[:rows] + 1)
         self._sampler.record(tokens, slice(0, rows))
         batch.advance(tokens)
@@ -496,11 +515,13 @@ class HFStepRunner:
                 [c.prepared.prompt_ids for c in chunks],
                 vocab=int(logits.shape[-1]),
             )
+            keys = [c.key for c in chunks]
+            self._guided.start(keys, [c.prepared.grammar for c in chunks])
+            logits = self._guided.mask(logits, keys)
             tokens = sampler.sample(
                 logits, slots, lambda: batch.transfer.to_device(list(lengths), torch.long)
             )
             sampler.record(tokens, slots)
-            keys = [c.key for c in chunks]
             place(keys, tokens)
             if self.prefix is not None:
                 for chunk in chunks:
