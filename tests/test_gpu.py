@@ -10,16 +10,22 @@ stated tolerance: the first token where they differ must be a near tie there.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from llm_stream.engine.scheduler import BatchLimits, Scheduler, StepOutput
+from llm_stream.engine.sequence import Sequence
 from llm_stream.engine.types import (
+    FinishReason,
     GenerationRequest,
+    JsonConstraint,
     PrefillChunk,
     PreparedRequest,
     SamplingParams,
@@ -34,6 +40,7 @@ from llm_stream.model.execution import (
     capture_graphs,
     static_runner,
 )
+from llm_stream.model.guided import Grammars, logits_width
 from llm_stream.model.prefix_cache import PrefixCache
 from llm_stream.model.runner import HFStepRunner
 from llm_stream.model.slots import probe_layers
@@ -41,6 +48,7 @@ from llm_stream.model.support import attention_implementation
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from tests.conftest import cancel_after, prompt_request, running_server, tiny_settings
 from tests.model_families import build_family_model
+from tests.test_guided_decoding import PERSON
 
 pytestmark = [
     pytest.mark.gpu,
@@ -300,3 +308,67 @@ def test_a_reused_prefix_on_the_graphs_follows_its_own_decode(model: Any) -> Non
                 top = torch.topk(logits[index], 2).values
                 assert float(top[0] - top[1]) <= NEAR_TIE, (key, index)
                 break
+
+
+def test_guided_rows_mask_outside_the_graphs_and_pipeline_safely(
+    model: Any, tiny_model_dir: Path
+) -> None:
+    """Constrained rows beside free ones on the captured graphs, driven by the real
+    scheduler (which pipelines one step ahead on a GPU): the runner reports depth 0
+    while a constrained row needs each token before its next mask, every constrained
+    row ends in schema-valid JSON, graphs and eager steps choose the same tokens, and
+    masking a decode step never waits for the device."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    eos = frozenset({int(tokenizer.eos_token_id)})
+    guide = Grammars("tiny", tokenizer, logits_width(model), eos).compile(
+        JsonConstraint(json.dumps(PERSON))
+    )
+
+    def prepared(key: int, guided: bool, **sampling: Any) -> PreparedRequest:
+        params = SamplingParams(max_tokens=300, **sampling)
+        request = GenerationRequest(f"r{key}", "tiny", "p", params)
+        grammar = guide if guided else None
+        return PreparedRequest(request, tuple(PROMPTS[key]), 300, eos, grammar=grammar)
+
+    def run(runner: HFStepRunner) -> tuple[dict[int, list[int]], list[int]]:
+        tokens: dict[int, list[int]] = {}
+
+        def deliver(outputs: list[StepOutput]) -> None:
+            for output in outputs:
+                tokens.setdefault(output.key, []).extend(output.token_ids)
+
+        scheduler = Scheduler(runner, BatchLimits(max_rows=16), deliver)
+        sequences = [
+            Sequence(prepared(k, k <= 4, **(SEEDED if k in (2, 3) else {}))) for k in range(1, 9)
+        ]
+        scheduler.submit(*sequences[:6])
+        depths = []
+        for step in range(400):
+            if step == 5:
+                scheduler.submit(*sequences[6:])  # free rows join mid-batch
+            if all(s.finished for s in sequences):
+                break
+            scheduler.step()
+            depths.append(runner.pipeline_depth)
+        by_prompt = {k: tokens[s.key] for k, s in enumerate(sequences, 1)}
+        for k, sequence in enumerate(sequences[:4], 1):
+            assert sequence.finish_reason is FinishReason.END_OF_SEQUENCE
+            text = tokenizer.decode(by_prompt[k][:-1])
+            jsonschema.validate(json.loads(text), PERSON)
+        return by_prompt, depths
+
+    captured, depths = run(runner_for(model, captured=True))
+    assert depths[0] == 0 and depths[-1] == 1  # constrained rows in, then all gone
+    eager, _ = run(runner_for(model, captured=False))
+    assert captured == eager
+
+    runner = runner_for(model, captured=True)
+    runner.launch(StepPlan(1, (), False, (PrefillChunk(1, prepared(1, True), 0, len(PROMPTS[1])),)))
+    runner.collect()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runner.launch(StepPlan(2, (), True, ()))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(runner.collect().tokens) == 1
