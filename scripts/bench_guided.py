@@ -1,21 +1,24 @@
 """What guided decoding costs a step: the grammar masks, and a whole batch step.
 
-Two tables, on the default model (the embedded SmolLM2-135M-Instruct, 49,152-token
+Three tables, on the default model (the embedded SmolLM2-135M-Instruct, 49,152-token
 vocabulary), with a nested JSON schema (objects, enums, an array, bounded strings
 and integers):
 
-1. **Masks**: per step, every row's matcher fills its bitmask (serially, on the
+1. **Engines**: each grammar engine that is installed fills one bitmask per row,
+   serially, every step (median ms per step for the whole batch, and the step where
+   it was slowest), at 1, 32 and 64 rows: xgrammar (what the server uses), and for
+   comparison llguidance and outlines-core when importable (install them beside,
+   e.g. ``pip install --target /tmp/alt --no-deps llguidance outlines-core`` and run
+   with ``PYTHONPATH=/tmp/alt``).
+2. **Masks**: per step, every row's matcher fills its bitmask (serially, on the
    host) and the runner masks the logits (:class:`llm_stream.model.guided.GuidedRows`,
    the code the runner uses); then each row takes a token. Median and p90 ms per
    step for the whole batch, at 1, 32 and 64 rows. No model: random logits.
-2. **Steps** (``--no-steps`` skips it): the engine's scheduler and runner decoding
+3. **Steps** (``--no-steps`` skips it): the engine's scheduler and runner decoding
    the same number of free rows and of constrained rows, greedy (sampling over the
    whole vocabulary sorts it, and sorts faster when most of it is masked: that
    would flatter the constrained rows); median ms per decode step, the better of two
    alternated runs.
-
-Re-run it to re-measure the choice of grammar engine (xgrammar, measured against
-llguidance and outlines-core when it was made; see the README):
 
     .venv/bin/python scripts/bench_guided.py [--rows 1,32,64] [--step-rows 1,8,32]
 """
@@ -23,6 +26,7 @@ llguidance and outlines-core when it was made; see the README):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -123,6 +127,91 @@ def mask_costs(
     }
 
 
+class EngineRows:
+    """One grammar engine's matchers for ``rows`` rows of SCHEMA, behind one interface."""
+
+    def __init__(self, name: str, fresh: Any, fill: Any, accept: Any, done: Any) -> None:
+        self.name = name
+        self.fresh, self.fill, self.accept, self.done = fresh, fill, accept, done
+
+
+def xgrammar_rows(tokenizer: Any, vocab: int, stop_ids: list[int]) -> EngineRows:
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab, stop_token_ids=stop_ids
+    )
+    grammar = xgrammar.GrammarCompiler(info).compile_json_schema(SCHEMA, any_whitespace=False)
+    return EngineRows(
+        "xgrammar",
+        lambda: xgrammar.GrammarMatcher(grammar),
+        lambda m, host, row: m.fill_next_token_bitmask(host, row),
+        lambda m, token: m.accept_token(token),
+        lambda m: m.is_terminated(),
+    )
+
+
+def llguidance_rows(tokenizer: Any, vocab: int, stop_ids: list[int]) -> EngineRows:
+    llguidance = importlib.import_module("llguidance")
+    hf, kernels = (importlib.import_module(f"llguidance.{m}") for m in ("hf", "torch"))
+    lltok = hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=stop_ids[0])
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        SCHEMA, defaults={"whitespace_flexible": False}
+    )
+    return EngineRows(
+        "llguidance",
+        lambda: llguidance.LLMatcher(lltok, grammar),
+        kernels.fill_next_token_bitmask,
+        lambda m, token: m.consume_token(token),
+        lambda m: m.is_stopped(),
+    )
+
+
+def outlines_rows(tokenizer: Any, vocab: int, stop_ids: list[int]) -> EngineRows:
+    outlines_core = importlib.import_module("outlines_core")
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+    special = set(info.special_token_ids) | set(stop_ids)
+    tokens: dict[bytes, list[int]] = {}
+    for token, text in enumerate(info.decoded_vocab):
+        if token not in special and len(text):
+            tokens.setdefault(bytes(text), []).append(token)
+    vocabulary = outlines_core.Vocabulary(stop_ids[0], tokens)
+    regex = outlines_core.json_schema.build_regex_from_schema(SCHEMA)
+    index = outlines_core.Index(regex, vocabulary)
+
+    def fill(guide: Any, host: torch.Tensor, row: int) -> None:
+        view = host[row]
+        guide.write_mask_into(view.data_ptr(), view.numel(), view.element_size())
+
+    return EngineRows(
+        "outlines-core",
+        lambda: outlines_core.Guide(index),
+        fill,
+        lambda g, token: g.advance(token),
+        lambda g: g.is_finished(),
+    )
+
+
+def engine_fill(engine: EngineRows, vocab: int, rows: int, steps: int) -> tuple[float, float]:
+    """Median and slowest ms per step to fill ``rows`` bitmasks serially; tokens are drawn
+    from random logits under the mask, and a row whose document ends starts another."""
+    matchers = [engine.fresh() for _ in range(rows)]
+    host = torch.empty((rows, (vocab + 31) // 32), dtype=torch.int32)
+    guided = GuidedRows(torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    fills = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        for row, matcher in enumerate(matchers):
+            engine.fill(matcher, host, row)
+        fills.append(time.perf_counter() - started)
+        logits = guided.apply(torch.randn((rows, vocab), generator=generator), [], host)
+        chosen = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+        for row, token in enumerate(chosen.flatten().tolist()):
+            engine.accept(matchers[row], token)
+            if engine.done(matchers[row]):
+                matchers[row] = engine.fresh()
+    return statistics.median(fills) * 1000, max(fills) * 1000
+
+
 def step_times(backend: HFBackend, rows: int, guided: bool, steps: int) -> float:
     """Median ms of the decode steps in which all ``rows`` rows decode."""
     runner = backend.new_runner()
@@ -178,11 +267,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.__version__}, {torch.get_num_threads()} threads; vocabulary {vocab}; "
         f"first compile (tokenizer info + schema) {compile_ms:.0f} ms\n\n"
     )
-    out("guided decoding per step, whole batch, ms: fill every row's bitmask (serially, host),\n")
+    out("bitmask fill per step, whole batch, serial, ms: median (slowest step)\n")
+    row_counts = [int(r) for r in args.rows.split(",")]
+    out("| engine | " + " | ".join(f"{r} rows" for r in row_counts) + " |\n")
+    out("|---|" + "---:|" * len(row_counts) + "\n")
+    stops = sorted(backend._eos_ids)
+    for build in (xgrammar_rows, llguidance_rows, outlines_rows):
+        name = build.__name__.removesuffix("_rows").replace("outlines", "outlines-core")
+        try:
+            engine = build(backend._tokenizer, vocab, stops)
+        except ImportError:
+            out(f"| {name} | not installed |\n")
+            continue
+        except Exception as exc:  # an engine that cannot take the schema or tokenizer
+            out(f"| {name} | failed: {exc} |\n")
+            continue
+        cells = []
+        for rows in row_counts:
+            median, slowest = engine_fill(engine, vocab, rows, args.steps)
+            cells.append(f"{median:.2f} ({slowest:.1f})")
+        out(f"| {engine.name} | " + " | ".join(cells) + " |\n")
+    out("\nguided decoding per step, whole batch, ms: fill every row's bitmask (serially, host),\n")
     out("apply the masks to the logits (torch), advance every matcher by its token\n")
     out("| rows | fill median | fill p90 | apply median | accept median |\n")
     out("|---:|---:|---:|---:|---:|\n")
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in row_counts:
         c = mask_costs(grammars, vocab, backend._eos_ids, rows, args.steps)
         out(
             f"| {rows} | {c['fill']:.2f} | {c['fill_p90']:.2f} | {c['apply']:.2f} "
