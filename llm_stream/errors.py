@@ -43,6 +43,12 @@ class InvalidRequestError(LLMStreamError):
         self.field = field
 
 
+class InvalidSchemaError(InvalidRequestError):
+    """A JSON schema the grammar engine cannot use. Raised where the schema is compiled,
+    which knows not which field the client sent it in; the face names that field
+    (:func:`llm_stream.front_door.request.blame_schema`)."""
+
+
 class RequestTooLargeError(InvalidRequestError):
     """The request body is larger than the server takes."""
 

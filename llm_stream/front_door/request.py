@@ -26,7 +26,7 @@ from llm_stream.engine.types import (
     SamplingParams,
     ToolSpec,
 )
-from llm_stream.errors import InvalidRequestError, quoted_input
+from llm_stream.errors import InvalidRequestError, InvalidSchemaError, quoted_input
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ class ValidRequest:
     tool_mode: str = "none"
     # How many tools the request offered (with tool_choice "none" too).
     tools_offered: int = 0
+    # The field the generation's JSON constraint came from, as the client spelled it
+    # (``response_format``, ``config.json_schema``, ``tools``); None without one.
+    constraint_field: str | None = None
+
+
+def blame_schema(exc: Exception, valid: ValidRequest | None) -> Exception:
+    """``exc``, and a schema the grammar engine refused as an error about the field the
+    client sent that schema in (the model layer that compiles it cannot know which)."""
+    if isinstance(exc, InvalidSchemaError) and valid is not None and valid.constraint_field:
+        return InvalidRequestError(f"{valid.constraint_field}: {exc}", valid.constraint_field)
+    return exc
 
 
 def validate(draft: RequestDraft, limits: RequestLimits) -> ValidRequest:
@@ -109,7 +120,13 @@ def validate(draft: RequestDraft, limits: RequestLimits) -> ValidRequest:
         tools=() if tool_mode == "none" else tools,
         constraint=constraint,
     )
-    return ValidRequest(generation, tool_mode, len(tools))
+    source = "tools" if tool_mode == "forced" else "json_schema"
+    return ValidRequest(
+        generation,
+        tool_mode,
+        len(tools),
+        constraint_field=None if constraint is None else draft.name(source),
+    )
 
 
 # -- the conversation ----------------------------------------------------------------

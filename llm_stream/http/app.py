@@ -49,7 +49,7 @@ from llm_stream.errors import (
     quoted_input,
 )
 from llm_stream.front_door.admission import Admission
-from llm_stream.front_door.request import RequestLimits, ValidRequest, validate
+from llm_stream.front_door.request import RequestLimits, ValidRequest, blame_schema, validate
 from llm_stream.front_door.tools import tool_reading
 from llm_stream.http.errors import ErrorReply, error_body, error_response, reply_for
 from llm_stream.http.openai_schema import (
@@ -333,6 +333,7 @@ class OpenAIApi:
         request_id = self._request_id(request)
         key = ""
         held = False
+        valid: ValidRequest | None = None
         try:
             key = self._authenticate(request)
             parsed, valid = await self._convert(request, parse, request_id)
@@ -370,7 +371,7 @@ class OpenAIApi:
             log.info("client left before its answer (its generation, if any, is cancelled)")
             return _NoResponse()
         except Exception as exc:
-            return self._error(exc, request_id)
+            return self._error(blame_schema(exc, valid), request_id)
         finally:
             if held:
                 self._release(key)

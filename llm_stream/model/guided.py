@@ -42,7 +42,7 @@ import torch
 import xgrammar as xgr
 
 from llm_stream.engine.types import JsonConstraint
-from llm_stream.errors import InvalidRequestError, quoted_input
+from llm_stream.errors import InvalidSchemaError, quoted_input
 from llm_stream.model.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class Grammars:
         self._cache: collections.OrderedDict[str, Guide] = collections.OrderedDict()
 
     def compile(self, constraint: JsonConstraint) -> Guide:
-        """The grammar of ``constraint``; InvalidRequestError saying what is wrong with it."""
+        """The grammar of ``constraint``; InvalidSchemaError saying what is wrong with it."""
         key = constraint.schema.strip()
         if key:
             check_schema(key)
@@ -113,7 +113,7 @@ class Grammars:
             try:
                 grammar = compiler.compile_json_schema(key or _ANY_OBJECT, any_whitespace=False)
             except (RuntimeError, ValueError, TypeError) as exc:
-                raise InvalidRequestError(
+                raise InvalidSchemaError(
                     f"the JSON schema cannot be used for guided decoding: {native_message(exc)}"
                 ) from None
             guide = self._cache[key] = Guide(grammar, self._printable)
@@ -130,7 +130,7 @@ class Grammars:
                 )
             except Exception as exc:  # a tokenizer xgrammar cannot read
                 log.warning("guided decoding is unavailable for %s", self._model_id, exc_info=True)
-                raise InvalidRequestError(
+                raise InvalidSchemaError(
                     f"model {self._model_id!r} does not support guided decoding "
                     f"(its tokenizer: {native_message(exc)}); leave out the JSON constraint"
                 ) from None
@@ -161,13 +161,13 @@ def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
 
 
 def check_schema(text: str) -> None:
-    """InvalidRequestError unless ``text`` is a JSON object (a JSON Schema)."""
+    """InvalidSchemaError unless ``text`` is a JSON object (a JSON Schema)."""
     try:
         schema = json.loads(text)
     except ValueError as exc:
-        raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
+        raise InvalidSchemaError(f"the JSON schema is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
-        raise InvalidRequestError(
+        raise InvalidSchemaError(
             f"the JSON schema must be a JSON object, not {_JSON_KINDS.get(type(schema), 'that')} "
             f'({quoted_input(text, 40)}); send e.g. {{"type": "object"}}'
         )

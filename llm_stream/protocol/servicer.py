@@ -27,7 +27,7 @@ from llm_stream.engine.types import (
 )
 from llm_stream.errors import InvalidRequestError, LLMStreamError, quoted_input
 from llm_stream.front_door.admission import Admission
-from llm_stream.front_door.request import RequestLimits, ValidRequest, validate
+from llm_stream.front_door.request import RequestLimits, ValidRequest, blame_schema, validate
 from llm_stream.front_door.tools import (
     ToolReading,
     finish_with_calls,
@@ -112,6 +112,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> pb.PredictResponse:
         request_id = request_id_of(request)
         request_id_var.set(request_id)
+        valid: ValidRequest | None = None
         try:
             valid = self._request(request, request_id)
             reading = self._reading(valid)
@@ -122,13 +123,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             _with_tool_calls(response, reading, completion.text)
             return response
         except Exception as exc:
-            await self._abort(context, exc, request_id)
+            await self._abort(context, blame_schema(exc, valid), request_id)
 
     async def StreamPredict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictToken]:
         request_id = request_id_of(request)
         request_id_var.set(request_id)
+        valid: ValidRequest | None = None
         try:
             valid = self._request(request, request_id)
             reading = self._reading(valid)
@@ -151,7 +153,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     else:
                         yield self._final(event, reading, "".join(pieces))
         except Exception as exc:
-            await self._abort(context, exc, request_id)
+            await self._abort(context, blame_schema(exc, valid), request_id)
 
     @staticmethod
     def _final(end: StreamEnd, reading: ToolReading, text: str) -> pb.PredictToken:
@@ -174,6 +176,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 )
             self._engine.check_accepting()  # the whole call, not each item, while warming up
             items: list[GenerationRequest | Exception] = []
+            valids: list[ValidRequest | None] = []
             readings: list[ToolReading | None] = []
             ids: list[str] = []
             for message in request.requests:
@@ -182,10 +185,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     valid = self._request(message, ids[-1])
                     readings.append(self._reading(valid))
                     items.append(valid.generation)
+                    valids.append(valid)
                 except LLMStreamError as exc:
                     items.append(exc)
                     readings.append(None)
+                    valids.append(None)
             results = await self._engine.batch(items)
+            results = [
+                result if isinstance(result, Completion) else blame_schema(result, valid)
+                for result, valid in zip(results, valids, strict=True)
+            ]
             return pb.BatchPredictResponse(
                 results=[
                     self._batch_result(*item) for item in zip(ids, results, readings, strict=True)
