@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 
 from llm_stream.engine.types import ChatTurn, JsonConstraint, ToolCall, ToolSpec
@@ -25,6 +26,7 @@ from llm_stream.front_door.request import (
     forced_calls_schema,
     validate,
 )
+from llm_stream.front_door.tools import tool_reading
 from llm_stream.http.errors import reply_for
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from llm_stream.protocol.convert import draft_from_pb
@@ -122,6 +124,15 @@ def test_tool_choice_decides_what_reaches_the_model() -> None:
     assert auto.generation.constraint is None
     none = validate(draft(tools=(WEATHER,), tool_choice="none"), LIMITS)
     assert none.tool_mode == "none" and none.generation.tools == () and none.tools_offered == 1
+    assert tool_reading(none, "m", "hermes").ignored == "tool_choice is 'none'"
+    # A response_format schema leaves no room for a call: the tools are left out, said so.
+    shaped = validate(draft(tools=(WEATHER,), json_schema=""), LIMITS)
+    assert shaped.tool_mode == "none" and shaped.generation.tools == ()
+    assert shaped.generation.constraint == JsonConstraint("")
+    assert "json_schema makes the answer JSON" in (
+        tool_reading(shaped, "m", "hermes").ignored or ""
+    )
+    assert not tool_reading(auto, "m", "hermes").ignored
     forced = validate(draft(tools=(WEATHER, TIME), tool_choice="required"), LIMITS)
     assert forced.tool_mode == "forced" and forced.generation.tools == (WEATHER, TIME)
     assert forced.generation.constraint is not None
@@ -141,9 +152,35 @@ def test_tool_choice_decides_what_reaches_the_model() -> None:
 def test_the_forced_schema_holds_one_call_unless_parallel() -> None:
     assert forced_calls_schema((WEATHER,), parallel=False)["maxItems"] == 1
     assert "maxItems" not in forced_calls_schema((WEATHER,), parallel=True)
-    item = forced_calls_schema((WEATHER,), parallel=True)["items"]
-    assert item["properties"]["arguments"] == json.loads(WEATHER.parameters)
-    assert item["required"] == ["name", "arguments"]
+    schema = forced_calls_schema((WEATHER,), parallel=True)
+    assert schema["items"]["required"] == ["name", "arguments"]
+    jsonschema.validate([{"name": "get_weather", "arguments": {"city": "Paris"}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_weather", "arguments": {"city": 3}}], schema)
+
+
+def test_the_forced_schema_keeps_each_tools_own_references() -> None:
+    """Parameters that refer to their own root (pydantic's ``#/$defs/...``, a recursive
+    ``#``) still mean the same inside the array of calls."""
+    tree = {
+        "type": "object",
+        "properties": {
+            "leaf": {"$ref": "#/$defs/Leaf"},
+            "children": {"type": "array", "items": {"$ref": "#"}},
+            "example": {"const": {"$ref": "#/not/a/reference"}},
+        },
+        "required": ["leaf"],
+        "$defs": {"Leaf": {"type": "object", "properties": {"n": {"type": "integer"}}}},
+    }
+    tools = (ToolSpec("tree", "", json.dumps(tree)), WEATHER)
+    schema = forced_calls_schema(tools, parallel=True)
+    good = {"leaf": {"n": 1}, "children": [{"leaf": {"n": 2}, "children": []}]}
+    jsonschema.validate([{"name": "tree", "arguments": good}], schema)
+    for bad in ({"leaf": {"n": "x"}}, {"leaf": {}, "children": [{"children": []}]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([{"name": "tree", "arguments": bad}], schema)
+    constant = schema["$defs"]["tool0_tree"]["properties"]["example"]
+    assert constant == {"const": {"$ref": "#/not/a/reference"}}
 
 
 def test_structured_output_becomes_a_constraint() -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import httpx2 as httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
@@ -129,6 +130,41 @@ async def test_a_required_call_is_valid_whatever_the_model(
     assert choice.finish_reason == "tool_calls"
     assert not choice.message.content
     assert_valid_calls(list(choice.message.tool_calls or ()), {"get_weather", "get_time"})
+
+
+class Place(pydantic.BaseModel):
+    city: Literal["Paris", "Tokyo"]
+
+
+class Trip(pydantic.BaseModel):
+    origin: Place
+    stops: list[Place] = pydantic.Field(max_length=2)
+
+
+async def test_a_required_call_to_a_pydantic_tool_with_refs_is_valid(
+    server: RunningServer,
+) -> None:
+    """The SDK's pydantic_function_tool writes parameters that refer to their own root
+    (``#/$defs/Place``); inside the forced-call schema they must still resolve."""
+    tool = openai.pydantic_function_tool(Trip, name="plan_trip")
+    parameters = tool["function"]["parameters"]  # type: ignore[typeddict-item]
+    assert "$defs" in parameters
+    completion = await sdk(server).chat.completions.create(
+        model="tiny",
+        messages=ASK,  # type: ignore[arg-type]
+        tools=[tool],
+        tool_choice="required",
+        max_tokens=MAX_TOKENS,
+        seed=5,
+    )
+    (choice,) = completion.choices
+    assert choice.finish_reason == "tool_calls"
+    for call in choice.message.tool_calls or ():
+        assert call.function.name == "plan_trip"  # type: ignore[union-attr]
+        arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+        jsonschema.validate(arguments, parameters)
+        Trip.model_validate(arguments)
+    assert choice.message.tool_calls
 
 
 async def test_a_named_function_is_the_one_called(server: RunningServer) -> None:
@@ -401,6 +437,25 @@ async def test_grpc_required_call_in_predict_and_stream(server: RunningServer) -
         (c.name, c.arguments_json) for c in response.tool_calls
     ]
     assert "".join(t.token for t in tokens[:-1]) == response.text
+
+
+async def test_grpc_says_in_its_headers_when_tools_were_left_out(server: RunningServer) -> None:
+    """The tiny model's template takes no tools: ``auto`` answers in text, and says so."""
+    request = asking(tools=grpc_tools())
+    request.config.max_tokens = 4
+    call = server.stub.Predict(request)
+    response = await call
+    assert response.finish_reason != pb.FINISH_REASON_TOOL_CALLS and not response.tool_calls
+    header = dict(await call.initial_metadata())["x-llm-stream-tools"]
+    assert header.startswith("ignored: ") and "takes no tools" in header
+    stream = server.stub.StreamPredict(request)
+    [token async for token in stream]
+    assert "x-llm-stream-tools" in dict(await stream.initial_metadata())
+    short = asking()
+    short.config.max_tokens = 2
+    plain = server.stub.Predict(short)
+    await plain
+    assert "x-llm-stream-tools" not in dict(await plain.initial_metadata())
 
 
 async def test_grpc_json_schema_and_its_errors(server: RunningServer) -> None:

@@ -117,7 +117,7 @@ def read_json_schema(parser: argparse.ArgumentParser, path: Path | None) -> str:
         schema = json.loads(text)
     except OSError as exc:
         parser.error(f"--json-schema: cannot read {path}: {exc.strerror}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         parser.error(f"--json-schema: {path} is not valid JSON: {exc}")
     if not isinstance(schema, dict):
         parser.error(f"--json-schema: {path} must hold a JSON Schema object")

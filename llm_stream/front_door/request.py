@@ -89,6 +89,9 @@ class ValidRequest:
     # The field the generation's JSON constraint came from, as the client spelled it
     # (``response_format``, ``config.json_schema``, ``tools``); None without one.
     constraint_field: str | None = None
+    # Why the request's tools were left out of the prompt, when the request said so
+    # (tool_choice "none", or a response_format that leaves no room for a call).
+    tools_left_out: str = ""
 
 
 def blame_schema(exc: Exception, valid: ValidRequest | None) -> Exception:
@@ -106,6 +109,13 @@ def validate(draft: RequestDraft, limits: RequestLimits) -> ValidRequest:
         raise InvalidRequestError("send a prompt, or a conversation in messages")
     tools = _tools(draft)
     tool_mode = _tool_mode(draft, tools)
+    left_out = ""
+    if tool_mode == "none" and tools:
+        left_out = f"{draft.name('tool_choice')} is 'none'"
+    elif tool_mode == "auto" and draft.json_schema is not None:
+        # The answer must match that schema, which leaves no room for a call.
+        tool_mode = "none"
+        left_out = f"{draft.name('json_schema')} makes the answer JSON of its schema"
     constraint = _constraint(draft, tools, tool_mode)
     if draft.continue_final_message:
         _check_continuation(draft, messages, constraint)
@@ -126,6 +136,7 @@ def validate(draft: RequestDraft, limits: RequestLimits) -> ValidRequest:
         tool_mode,
         len(tools),
         constraint_field=None if constraint is None else draft.name(source),
+        tools_left_out=left_out,
     )
 
 
@@ -254,7 +265,7 @@ def _check_stops(draft: RequestDraft) -> None:
 def _json_object(text: str, name: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"{name} is not valid JSON: {exc}", name) from None
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{name} must be a JSON object", name)
@@ -314,27 +325,57 @@ def _tool_mode(draft: RequestDraft, tools: tuple[ToolSpec, ...]) -> str:
 
 def forced_calls_schema(tools: tuple[ToolSpec, ...], parallel: bool) -> dict[str, Any]:
     """The JSON Schema of a forced answer: an array of ``{"name", "arguments"}`` calls,
-    each naming one of ``tools`` with arguments matching its parameters."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": [tool.name]},
-                "arguments": json.loads(tool.parameters),
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for tool in tools
-    ]
+    each naming one of ``tools`` with arguments matching its parameters.
+
+    Each tool's parameters sit under the root's ``$defs``, their local references
+    (``#/$defs/...``, ``#``) rewritten to point there: parameters made by pydantic
+    and the SDKs built on it refer to their own root, which here is the array."""
+    definitions: dict[str, Any] = {}
+    calls = []
+    for index, tool in enumerate(tools):
+        key = f"tool{index}_{tool.name}"
+        definitions[key] = _rebased(json.loads(tool.parameters), f"#/$defs/{key}")
+        calls.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.name]},
+                    "arguments": {"$ref": f"#/$defs/{key}"},
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema: dict[str, Any] = {
         "type": "array",
         "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
         "minItems": 1,
+        "$defs": definitions,
     }
     if not parallel:
         schema["maxItems"] = 1
     return schema
+
+
+# Keywords whose values are data, not schemas: a "$ref" key in them is not a reference.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _rebased(schema: Any, root: str) -> Any:
+    """``schema`` with each local ``$ref`` (``#`` or ``#/...``) moved under ``root``."""
+    if isinstance(schema, list):
+        return [_rebased(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            moved[key] = root + value[1:]
+        elif key in _DATA_KEYWORDS:
+            moved[key] = value
+        else:
+            moved[key] = _rebased(value, root)
+    return moved
 
 
 def _constraint(

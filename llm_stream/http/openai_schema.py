@@ -395,7 +395,7 @@ def _tool_call(item: object, where: str) -> ToolCall:
     call = _object(item, where)
     function = _object(call.get("function"), f"{where}.function")
     arguments = function.get("arguments")
-    if arguments is None:
+    if arguments is None or arguments == "":  # a call without arguments, as gRPC takes it
         arguments = "{}"
     elif isinstance(arguments, dict):  # some clients send the object itself
         arguments = _json_text(arguments)

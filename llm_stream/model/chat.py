@@ -148,7 +148,7 @@ def _call_id(call_id: str, tool_format: str) -> str:
 def _json_value(text: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError:  # the front door checks arguments; keep text as text
+    except (ValueError, RecursionError):  # the front door checks arguments; keep text as text
         return text
 
 

@@ -164,7 +164,7 @@ def check_schema(text: str) -> None:
     """InvalidSchemaError unless ``text`` is a JSON object (a JSON Schema)."""
     try:
         schema = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidSchemaError(f"the JSON schema is not valid JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise InvalidSchemaError(

@@ -116,9 +116,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             valid = self._request(request, request_id)
             reading = self._reading(valid)
-            if reading.header:
-                await context.send_initial_metadata((reading.header,))
             completion = await self._engine.complete(valid.generation)
+            if reading.header:
+                # Sent with the answer, not before: a call turned away before any header
+                # is one that gRPC clients may retry transparently.
+                await context.send_initial_metadata((reading.header,))
             response = completion_to_pb(request_id, completion)
             _with_tool_calls(response, reading, completion.text)
             return response

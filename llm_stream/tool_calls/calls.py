@@ -17,7 +17,7 @@ def calls_in(json_text: str, names: Collection[str] | None) -> list[ParsedCall] 
     outside ``names`` (when given): the text is then content, not calls."""
     try:
         value = json.loads(json_text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     items = value if isinstance(value, list) else [value]
     calls = [_call(item, names) for item in items]
@@ -39,7 +39,7 @@ def _call(item: Any, names: Collection[str] | None) -> ParsedCall | None:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(arguments, dict):
         return None
