@@ -498,3 +498,32 @@ async def test_the_cli_answers_to_a_json_schema_file(server: RunningServer, tmp_
     code, out, err = await run_client(*args, "--json-schema", str(schema_file), "A recipe")
     assert code == 2 and out == ""
     assert "is not valid JSON" in err and "Traceback" not in err
+
+
+async def test_deeply_nested_json_in_a_request_is_a_400_not_a_500(server: RunningServer) -> None:
+    deep = "[" * 5000
+    history = [
+        *ASK,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
+        response = await http.post("/v1/chat/completions", json={"messages": history})
+        assert response.status_code == 400, response.text
+        assert "not valid JSON" in response.json()["error"]["message"]
+        bad_tool = [{"type": "function", "function": {"name": "f", "parameters": deep}}]
+        response = await http.post(
+            "/v1/chat/completions", json={"messages": ASK, "tools": bad_tool}
+        )
+        assert response.status_code == 400, response.text
+    request = asking()
+    request.config.json_schema = deep
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await server.stub.Predict(request)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
