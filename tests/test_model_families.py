@@ -6,13 +6,15 @@ tokens, so every prompt here is fed in chunks. For each family: greedy tokens
 equal transformers' own ``generate`` of the same model, alone and inside a busy
 batch with rows joining and leaving; a seeded sample is the same alone and in a
 batch; a prompt that repeats or continues an earlier one (its KV from the prefix
-cache) still equals ``generate``.
+cache) still equals ``generate``. "Equal" is up to a near-tie: where two logits
+of ``generate`` are all but level, another order of fp32 sums may pick either.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +60,53 @@ async def families_server(
         yield running
 
 
+# A step whose two best logits lie closer than this is a near-tie: fp32 sums taken in
+# another order (a batch, a chunked or cached prefill) may pick either token there.
+NEAR_TIE = 1e-3
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """transformers' greedy tokens, and at each step the lead of the best logit."""
+
+    tokens: list[int]
+    margins: list[float]
+
+
 @torch.inference_mode()
-def generate_alone(folder: Path, prompts: list[str]) -> list[list[int]]:
+def generate_alone(folder: Path, prompts: list[str]) -> list[Greedy]:
     """transformers' own greedy generate of the model, each prompt alone, with its own cache."""
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     results = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-        results.append([int(t) for t in out[0, ids.shape[1] :]])
+        out = model.generate(
+            ids,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        margins = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in out.scores)]
+        results.append(Greedy([int(t) for t in out.sequences[0, ids.shape[1] :]], margins))
     return results
+
+
+def assert_follows(got: list[int], expected: Greedy, what: str, length: int | None = None) -> None:
+    """``got`` is ``expected``'s first ``length`` tokens, up to a near-tie: where they part,
+    transformers' own two best logits must be within NEAR_TIE (seen: a random llama's
+    tokens 333 and 386, 0.0 apart, at step 20), and nothing after that is compared."""
+    want = expected.tokens[:length]
+    for step, (mine, theirs) in enumerate(zip(got, want, strict=False)):
+        if mine != theirs:
+            margin = expected.margins[step]
+            assert margin < NEAR_TIE, (
+                f"{what}: token {step} is {mine}, not {theirs} (a lead of {margin:.4f}); "
+                f"got {got}, expected {want}"
+            )
+            return
+    assert len(got) == len(want), f"{what}: got {got}, expected {want}"
 
 
 def request(family: str, prompt: str, **config: Any) -> pb.PredictRequest:
@@ -98,7 +136,7 @@ async def test_greedy_tokens_equal_generate_alone_and_in_a_busy_batch(
 ) -> None:
     expected = generate_alone(family_dirs[family], PROMPTS)
     alone = await token_ids(families_server, request(family, PROMPTS[0]))
-    assert alone == expected[0], f"{family} ({FAMILIES[family][0]}) alone"
+    assert_follows(alone, expected[0], f"{family} ({FAMILIES[family][0]}) alone")
 
     async def later(delay: float, index: int, **config: Any) -> list[int]:
         await asyncio.sleep(delay)
@@ -112,11 +150,11 @@ async def test_greedy_tokens_equal_generate_alone_and_in_a_busy_batch(
         later(0.02, 0),
         later(0.03, 1, max_tokens=3),
     )
-    assert busy[0] == expected[2], f"{family}: the longest prompt in a batch"
-    assert busy[1] == expected[1], f"{family}: joined a decoding batch"
-    assert busy[2] == expected[0][:5], f"{family}: left early"
-    assert busy[3] == expected[0], f"{family}: joined as another row left"
-    assert busy[4] == expected[1][:3], f"{family}: left early"
+    assert_follows(busy[0], expected[2], f"{family}: the longest prompt in a batch")
+    assert_follows(busy[1], expected[1], f"{family}: joined a decoding batch")
+    assert_follows(busy[2], expected[0], f"{family}: left early", length=5)
+    assert_follows(busy[3], expected[0], f"{family}: joined as another row left")
+    assert_follows(busy[4], expected[1], f"{family}: left early", length=3)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -147,7 +185,7 @@ async def test_prompts_that_repeat_or_continue_another_reuse_its_kv_token_for_to
     assert cached >= 2 * 16, f"{family}: the repeated prompt was not reused"
     continued = base + text + " " + CORPUS[0]
     expected = generate_alone(family_dirs[family], [base, continued])
-    assert first == expected[0], f"{family}: the first prompt"
+    assert_follows(first, expected[0], f"{family}: the first prompt")
     follow_up, _, cached = await stream_of(families_server, request(family, continued))
     assert cached >= 2 * 16, f"{family}: the continued prompt was not reused"
-    assert follow_up == expected[1], f"{family}: the continued prompt"
+    assert_follows(follow_up, expected[1], f"{family}: the continued prompt")
