@@ -42,7 +42,7 @@ def tool_reading(valid: ValidRequest, model_id: str, tool_format: str | None) ->
     if not valid.tools_offered:
         return ToolReading(None)
     if valid.tool_mode == "none":
-        why = valid.tools_left_out or "tool_choice is 'none'"
+        why = valid.tools_left_out
     else:
         why = f"model {model_id}'s chat template takes no tools; the answer is text"
     log.info("%d tools left out of the prompt: %s", valid.tools_offered, why)
