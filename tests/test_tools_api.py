@@ -20,6 +20,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from openai.types.chat import ChatCompletion
 
 from llm_stream.proto.inference.v1 import inference_pb2 as pb
 from tests.conftest import RunningServer, free_port, running_server, tiny_settings
@@ -111,6 +112,13 @@ def assert_valid_calls(calls: list[Any], allowed: set[str]) -> None:
         jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
 
 
+async def ask_tiny(server: RunningServer, **fields: Any) -> ChatCompletion:
+    """A chat completion through the openai SDK: the tiny model asked ASK, with room
+    for the JSON to close, unless ``fields`` say otherwise."""
+    request: dict[str, Any] = {"model": "tiny", "messages": ASK, "max_tokens": MAX_TOKENS}
+    return await sdk(server).chat.completions.create(**{**request, **fields})
+
+
 # -- tools over HTTP ---------------------------------------------------------------------
 
 
@@ -118,14 +126,7 @@ def assert_valid_calls(calls: list[Any], allowed: set[str]) -> None:
 async def test_a_required_call_is_valid_whatever_the_model(
     server: RunningServer, seed: int
 ) -> None:
-    completion = await sdk(server).chat.completions.create(
-        model="tiny",
-        messages=ASK,  # type: ignore[arg-type]
-        tools=TOOLS,  # type: ignore[arg-type]
-        tool_choice="required",
-        max_tokens=MAX_TOKENS,
-        seed=seed,
-    )
+    completion = await ask_tiny(server, tools=TOOLS, tool_choice="required", seed=seed)
     (choice,) = completion.choices
     assert choice.finish_reason == "tool_calls"
     assert not choice.message.content
@@ -149,14 +150,7 @@ async def test_a_required_call_to_a_pydantic_tool_with_refs_is_valid(
     tool = openai.pydantic_function_tool(Trip, name="plan_trip")
     parameters = tool["function"]["parameters"]  # type: ignore[typeddict-item]
     assert "$defs" in parameters
-    completion = await sdk(server).chat.completions.create(
-        model="tiny",
-        messages=ASK,  # type: ignore[arg-type]
-        tools=[tool],
-        tool_choice="required",
-        max_tokens=MAX_TOKENS,
-        seed=5,
-    )
+    completion = await ask_tiny(server, tools=[tool], tool_choice="required", seed=5)
     (choice,) = completion.choices
     assert choice.finish_reason == "tool_calls"
     for call in choice.message.tool_calls or ():
@@ -168,12 +162,10 @@ async def test_a_required_call_to_a_pydantic_tool_with_refs_is_valid(
 
 
 async def test_a_named_function_is_the_one_called(server: RunningServer) -> None:
-    completion = await sdk(server).chat.completions.create(
-        model="tiny",
-        messages=ASK,  # type: ignore[arg-type]
-        tools=TOOLS,  # type: ignore[arg-type]
+    completion = await ask_tiny(
+        server,
+        tools=TOOLS,
         tool_choice={"type": "function", "function": {"name": "get_time"}},
-        max_tokens=MAX_TOKENS,
         temperature=0,
     )
     calls = list(completion.choices[0].message.tool_calls or ())
@@ -183,14 +175,8 @@ async def test_a_named_function_is_the_one_called(server: RunningServer) -> None
 
 async def test_one_call_only_without_parallel_tool_calls(server: RunningServer) -> None:
     for seed in range(4):
-        completion = await sdk(server).chat.completions.create(
-            model="tiny",
-            messages=ASK,  # type: ignore[arg-type]
-            tools=TOOLS,  # type: ignore[arg-type]
-            tool_choice="required",
-            parallel_tool_calls=False,
-            max_tokens=MAX_TOKENS,
-            seed=seed,
+        completion = await ask_tiny(
+            server, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, seed=seed
         )
         assert len(completion.choices[0].message.tool_calls or ()) == 1
 
